@@ -1,0 +1,1 @@
+"""Checkpoints: DCP save/load/resume and Hugging Face adapters."""

@@ -1,0 +1,1 @@
+"""Typed config schemas, their registration with Hydra, and validation."""

@@ -1,0 +1,1 @@
+"""Data pipeline: sources, image and video preprocessing, chat templates, packing, mixtures."""

@@ -1,0 +1,1 @@
+"""Single-device model code: ViT, projector, Qwen3 decoder, the composite, SigLIP text tower."""

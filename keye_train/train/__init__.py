@@ -1,0 +1,1 @@
+"""Training loop, stages, optimisation, losses, metrics, merging."""
