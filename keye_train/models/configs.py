@@ -13,7 +13,10 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _check_backend(name: str, key: str) -> None:
-    _require(name in ATTENTION_BACKENDS, f"{key}={name!r} is not an attention backend; use one of {ATTENTION_BACKENDS}")
+    _require(
+        name in ATTENTION_BACKENDS,
+        f"{key}={name!r} is not an attention backend; use one of {ATTENTION_BACKENDS}",
+    )
 
 
 @dataclass
@@ -43,7 +46,10 @@ class VisionConfig:
             self.head_dim % 4 == 0,
             f"vision head_dim={self.head_dim} must be divisible by 4 for 2D RoPE (h and w halves)",
         )
-        _require(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of patch_size")
+        _require(
+            self.image_size >= self.patch_size,
+            f"vision.image_size={self.image_size} is smaller than patch_size={self.patch_size}",
+        )
         _check_backend(self.attn_backend, "vision.attn_backend")
 
     @property
@@ -52,7 +58,7 @@ class VisionConfig:
 
     @property
     def position_grid(self) -> int:
-        """Side of the learned position table (27 for 384/14)."""
+        """Side of the learned position table: floor(384 / 14) = 27, as SigLIP's conv drops the remainder."""
         return self.image_size // self.patch_size
 
 
@@ -168,20 +174,36 @@ def tiny(*, vocab_size: int = 512, text_vocab_size: int = 256) -> KeyeConfig:
     Token ids sit at the top of the vocabulary, where the synthetic tokenizer puts its special tokens.
     """
     vision = VisionConfig(
-        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, patch_size=14, image_size=112,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=112,
         num_packing_positions=64,
     )
     language = LanguageConfig(
-        vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-        intermediate_size=128, mrope_section=(2, 3, 3),
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        mrope_section=(2, 3, 3),
     )
     return KeyeConfig(
         vision=vision,
         projector=ProjectorConfig(vision_hidden_size=32, text_hidden_size=64),
         language=language,
         text_tower=TextTowerConfig(
-            vocab_size=text_vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-            max_positions=16, projection_size=32,
+            vocab_size=text_vocab_size,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_positions=16,
+            projection_size=32,
         ),
         image_token_id=vocab_size - 2,
         video_token_id=vocab_size - 1,
