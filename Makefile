@@ -15,6 +15,9 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	# CPU machines: this pin resolves to the local CPU build; an unpinned torch would pull CUDA wheels.
 	$(PIP) install -q torch==2.13.0
+	# DeepSpeed builds from source and imports torch while building: without build isolation it uses the
+	# torch above instead of fetching another one.
+	$(PIP) install -q --no-build-isolation deepspeed
 	$(PIP) install -q -e ".[dev]"
 	# keye-vl-utils is the preprocessing reference for parity tests; its declared dependencies
 	# (torchvision) have no CPU build matching torch 2.13.0, so it is installed alone.

@@ -23,6 +23,9 @@ setup(
         "pyyaml",
         "tqdm",
         "pyzmq",
+        # Ulysses context parallelism (DistributedAttention). DeepSpeed ships only a source package whose
+        # build imports torch, so `make install` installs it with --no-build-isolation (no CUDA torch).
+        "deepspeed",
     ],
     extras_require={
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],

@@ -7,45 +7,10 @@ import time
 
 import torch
 
-from keye_train.data.layout import IGNORE_INDEX
+from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.configs import tiny
-from keye_train.models.keye import build_model, position_ids_for
+from keye_train.models.keye import build_model
 from keye_train.train.loss import token_cross_entropy
-
-
-def packed_demo_batch(cfg, *, generator: torch.Generator) -> dict:
-    """Three samples in one sequence: an image caption, a 2-frame video, pure text."""
-    img, vid = cfg.image_token_id, cfg.video_token_id
-    start, end = cfg.vision_start_token_id, cfg.vision_end_token_id
-
-    def text(n: int) -> list[int]:
-        return torch.randint(1, 400, (n,), generator=generator).tolist()
-
-    samples = [
-        ([start, *[img] * 6, end, *text(12)], [(4, 6)]),  # image 56x84 px -> 4x6 patches -> 6 tokens
-        ([start, *text(3), *[vid] * 4, *text(3), *[vid] * 1, end, *text(8)], [(4, 4), (2, 2)]),  # slow + fast
-        (text(20), []),
-    ]
-    ids, labels, positions, grids = [], [], [], []
-    for tokens, sample_grids in samples:
-        t = torch.tensor(tokens)
-        ids.append(t)
-        target = torch.cat([t[1:], torch.tensor([IGNORE_INDEX])])
-        target[torch.isin(target, torch.tensor([img, vid, start, end]))] = IGNORE_INDEX
-        labels.append(target)
-        positions.append(position_ids_for(t, grids_hw=sample_grids, cfg=cfg))
-        grids += [(1, h, w) for h, w in sample_grids]
-    lengths = torch.tensor([len(t) for t in ids])
-    grid_thw = torch.tensor(grids)
-    num_patches = int((grid_thw[:, 1] * grid_thw[:, 2]).sum())
-    return {
-        "input_ids": torch.cat(ids)[None],
-        "labels": torch.cat(labels)[None],
-        "position_ids": torch.cat(positions, dim=1)[:, None],
-        "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
-        "pixel_values": torch.randn(num_patches, 3, 14, 14, generator=generator),
-        "grid_thw": grid_thw,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = tiny()
     model = build_model(cfg, seed=args.seed)
-    batch = packed_demo_batch(cfg, generator=torch.Generator().manual_seed(args.seed))
+    batch = toy_packed_batch(cfg, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Keye model: {n_params / 1e6:.2f}M parameters")

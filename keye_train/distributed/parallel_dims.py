@@ -1,0 +1,140 @@
+"""ParallelDims: validated parallel degrees and the one DeviceMesh every parallel component receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+# Mesh dimension order, outermost first: PP outermost so its point-to-point traffic crosses nodes while
+# TP (innermost) stays inside a node, as in Megatron and torchtitan.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of the LLM's parallelism; the ViT is data-parallel over the whole world.
+
+    dp_shard=-1 takes whatever the other degrees leave of world_size. FSDP shards parameters over
+    dp_shard x cp (CP ranks hold identical parameters), and replicates them over dp_replicate (HSDP).
+    """
+
+    world_size: int
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    device_type: str = "cpu"
+    _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "dp_replicate", "cp", "tp"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"parallel.{name}={value} must be >= 1")
+        others = self.pp * self.dp_replicate * self.cp * self.tp
+        if self.dp_shard == -1:
+            if self.world_size % others:
+                raise ValueError(
+                    f"world_size={self.world_size} is not divisible by pp*dp_replicate*cp*tp="
+                    f"{self.pp}*{self.dp_replicate}*{self.cp}*{self.tp}={others}"
+                )
+            self.dp_shard = self.world_size // others
+        if self.dp_shard < 1:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard} must be >= 1 (or -1 for auto)")
+        if others * self.dp_shard != self.world_size:
+            raise ValueError(
+                f"pp*dp_replicate*dp_shard*cp*tp = {self.pp}*{self.dp_replicate}*{self.dp_shard}*{self.cp}*"
+                f"{self.tp} = {others * self.dp_shard} != world_size={self.world_size}"
+            )
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device_type={self.device_type!r} must be 'cpu' (gloo) or 'cuda' (nccl)")
+
+    def validate_for_model(self, *, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Checks that need the LLM's shape: heads split over TP (and CP for Ulysses), layers over PP."""
+        if num_kv_heads % self.tp:
+            raise ValueError(f"parallel.tp={self.tp} does not divide the {num_kv_heads} KV heads")
+        if num_heads % (self.tp * self.cp) or num_kv_heads % (self.tp * self.cp):
+            raise ValueError(
+                f"tp*cp={self.tp}*{self.cp} must divide the query heads ({num_heads}) and KV heads "
+                f"({num_kv_heads}): Ulysses context parallelism spreads heads over tp*cp ranks"
+            )
+        if self.pp > num_layers:
+            raise ValueError(f"parallel.pp={self.pp} exceeds the {num_layers} decoder layers")
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree of the LLM: how many different batches are consumed per step."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        """The world mesh (built once, on first use, after the process group is initialised)."""
+        if self._mesh is None:
+            self._mesh = self._build_mesh()
+        return self._mesh
+
+    def _build_mesh(self) -> DeviceMesh:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"ParallelDims was built for world_size={self.world_size} but the process group has "
+                f"{dist.get_world_size()} ranks"
+            )
+        mesh = init_device_mesh(
+            self.device_type, tuple(self.degrees.values()), mesh_dim_names=tuple(self.degrees)
+        )
+        # Flattened views used by FSDP (params sharded over dp_shard x cp), data loading (dp) and the
+        # loss reduction (every rank that sees different tokens).
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+    def submesh(self, name: str) -> DeviceMesh:
+        """One named dimension or flattened view: pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp."""
+        return self.mesh[name]
+
+    @cached_property
+    def rank_coordinates(self) -> dict[str, int]:
+        """This rank's coordinate along each mesh dimension."""
+        return {name: self.mesh[name].get_local_rank() for name in MESH_DIMS}
+
+    @property
+    def is_pp_first_stage(self) -> bool:
+        return self.rank_coordinates["pp"] == 0
+
+    @property
+    def is_pp_last_stage(self) -> bool:
+        return self.rank_coordinates["pp"] == self.pp - 1
+
+    @property
+    def dp_rank(self) -> int:
+        c = self.rank_coordinates
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.degrees.items() if v > 1]
+        return f"world={self.world_size} " + (" x ".join(parts) if parts else "single process layout")
+
+
+def init_distributed(*, device_type: str = "cpu") -> int:
+    """Initialise the default process group from torchrun's environment; returns this rank."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    return dist.get_rank()

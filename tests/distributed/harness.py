@@ -1,0 +1,105 @@
+"""Spawn gloo process groups on this CPU and compute single-process references for parallel layouts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.models.configs import KeyeConfig
+from keye_train.models.keye import build_model
+from keye_train.train.loss import token_cross_entropy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)  # several ranks share 2 cores: oversubscription would only slow them down
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 240) -> list:
+    """Run fn(rank, world_size, *args) on world_size gloo ranks; returns every rank's return value.
+
+    fn must be a module-level function (it is pickled into spawned processes).
+    """
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [
+            ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, out_dir))
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        errors = []
+        for rank in range(world_size):
+            err = os.path.join(out_dir, f"rank{rank}.err")
+            if os.path.exists(err):
+                errors.append(f"--- rank {rank} ---\n" + open(err).read())
+        if errors or hung or any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(
+                f"distributed run failed (hung ranks: {hung}, exit codes: {[p.exitcode for p in procs]})\n"
+                + "\n".join(errors)
+            )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]
+
+
+def reference_run(
+    cfg: KeyeConfig, *, steps: int = 2, lr: float = 1e-2, seed: int = 0, seq_len: int | None = None
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process reference: `steps` AdamW steps on the toy batch; losses and updated parameters."""
+    model = build_model(cfg, seed=seed)
+    batch = toy_packed_batch(cfg, seed=seed, seq_len=seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            pixel_values=batch["pixel_values"],
+            grid_thw=batch["grid_thw"],
+        )
+        loss_sum, count = token_cross_entropy(logits, batch["labels"])
+        loss = loss_sum / count
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
