@@ -105,7 +105,7 @@ class ParallelDims:
         return mesh
 
     def submesh(self, name: str) -> DeviceMesh:
-        """One named dimension or flattened view: pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp."""
+        """A mesh dimension or flattened view: pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp."""
         return self.mesh[name]
 
     @cached_property

@@ -69,7 +69,8 @@ def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: flo
         for rank in range(world_size):
             err = os.path.join(out_dir, f"rank{rank}.err")
             if os.path.exists(err):
-                errors.append(f"--- rank {rank} ---\n" + open(err).read())
+                with open(err) as f:
+                    errors.append(f"--- rank {rank} ---\n" + f.read())
         if errors or hung or any(p.exitcode != 0 for p in procs):
             raise RuntimeError(
                 f"distributed run failed (hung ranks: {hung}, exit codes: {[p.exitcode for p in procs]})\n"
