@@ -43,6 +43,7 @@ setup(
             "keye-convert=keye_train.cli.convert:main",
             "keye-data=keye_train.cli.data:main",
             "keye-demo=keye_train.cli.demo:main",
+            "keye-estimate=keye_train.cli.estimate:main",
         ]
     },
 )
