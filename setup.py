@@ -36,6 +36,7 @@ setup(
             "transformers>=4.51",
             "opencv-python-headless",
             "decord",
+            "einops",  # imported by keye-vl-utils (the preprocessing reference)
         ],
     },
     entry_points={
