@@ -1,0 +1,100 @@
+"""A manifest as an endless, deterministic stream of packed batches, with a small resumable state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from keye_train.data.layout import PackedBatch
+from keye_train.data.manifest import DataConfig
+from keye_train.data.mixture import Mixture
+from keye_train.data.packing import PackingConfig, pack
+from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.tokenizer import LoadedTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    batches_in_epoch: int = 0  # packed batches already consumed in this epoch
+
+
+class PackedStream:
+    """Epoch e mixes the manifest's sources with seed (seed + e) and packs them; epochs repeat forever.
+
+    The order is a pure function of (manifest, seed, epoch), so the state is two integers: resuming
+    rebuilds the epoch and skips what was consumed, and yields exactly the batches an uninterrupted run
+    would have. (Skipping re-decodes the skipped samples; a shard index that seeks directly replaces this
+    replay in the data-loader work.)
+    """
+
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        *,
+        tokenizer: LoadedTokenizer,
+        packing: PackingConfig,
+        image_cfg: Any = None,
+        video_cfg: Any = None,
+        counter: SkipCounter | None = None,
+    ) -> None:
+        self.data_cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.packing = packing
+        self.encoder = SampleEncoder(tokenizer, image_cfg=image_cfg, video_cfg=video_cfg)
+        self.counter = counter or SkipCounter(
+            max_skip_rate=data_cfg.max_skip_rate, min_samples=data_cfg.min_samples_for_skip_rate
+        )
+        self.state = StreamState()
+        self._iterator: Iterator[PackedBatch] | None = None
+
+    def _epoch(self, epoch: int) -> Iterator[PackedBatch]:
+        streams = {
+            s.name: iter_source_samples(s, encoder=self.encoder, counter=self.counter)
+            for s in self.data_cfg.sources
+        }
+        mixture = Mixture(
+            streams,
+            self.data_cfg.target_shares(),
+            seed=self.data_cfg.seed + epoch,
+            by_tokens=self.data_cfg.by_tokens,
+            on_exhausted="drop",
+        )
+        ids = self.tokenizer.ids
+        return pack(mixture, cfg=self.packing, vision_start=ids.vision_start, vision_end=ids.vision_end)
+
+    def _batches(self) -> Iterator[PackedBatch]:
+        skip = self.state.batches_in_epoch
+        while True:
+            produced = 0
+            for n, batch in enumerate(self._epoch(self.state.epoch)):
+                produced += 1
+                if n < skip:
+                    continue
+                self.state.batches_in_epoch = n + 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(
+                    "the manifest produced no packed batch in a whole epoch; were all samples skipped? "
+                    f"skips: {self.counter.summary()}"
+                )
+            log.info("data epoch %d finished after %d packed batches", self.state.epoch, produced)
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+            skip = 0
+
+    def next_batch(self) -> PackedBatch:
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = StreamState(epoch=int(state["epoch"]), batches_in_epoch=int(state["batches_in_epoch"]))
+        self._iterator = None
