@@ -41,6 +41,7 @@ class PackedStream:
         image_cfg: Any = None,
         video_cfg: Any = None,
         counter: SkipCounter | None = None,
+        shares: dict[str, float] | None = None,
     ) -> None:
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
@@ -49,6 +50,13 @@ class PackedStream:
         self.counter = counter or SkipCounter(
             max_skip_rate=data_cfg.max_skip_rate, min_samples=data_cfg.min_samples_for_skip_rate
         )
+        self.shares = dict(shares) if shares else data_cfg.target_shares()
+        unknown = sorted(set(self.shares) - {s.name for s in data_cfg.sources})
+        if unknown or len(self.shares) != len(data_cfg.sources):
+            raise ValueError(
+                f"data shares {self.shares} must name every source of the manifest exactly: "
+                f"{sorted(s.name for s in data_cfg.sources)}"
+            )
         self.state = StreamState()
         self._iterator: Iterator[PackedBatch] | None = None
 
@@ -59,7 +67,7 @@ class PackedStream:
         }
         mixture = Mixture(
             streams,
-            self.data_cfg.target_shares(),
+            self.shares,
             seed=self.data_cfg.seed + epoch,
             by_tokens=self.data_cfg.by_tokens,
             on_exhausted="drop",

@@ -1,0 +1,123 @@
+"""The root training config: one section per component, each the component's own typed config.
+
+Only sections that no single component owns are defined here (model choice, parallel degrees, data
+sources); everything else is the component's dataclass, so a recipe key and the code that validates it
+can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from keye_train.checkpoint.manager import CheckpointConfig
+from keye_train.data.image import ImageConfig
+from keye_train.data.packing import OVERLONG_POLICIES
+from keye_train.data.video import VideoConfig
+from keye_train.distributed.context_parallel import ContextParallelConfig
+from keye_train.distributed.parallelize import ParallelizeConfig
+from keye_train.distributed.pipeline import PipelineConfig
+from keye_train.models.configs import ATTENTION_BACKENDS, PRESETS, KeyeConfig, preset
+from keye_train.train.metrics import LoggingConfig
+from keye_train.train.optim import OptimConfig
+from keye_train.train.schedule import ScheduleConfig
+from keye_train.train.stages import StageConfig
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # keye_8b | tiny
+    attn_backend: str = "sdpa"  # sdpa | flash | flex (LLM and ViT)
+    init_seed: int = 0  # initialisation of weights that init_from does not provide
+
+    def __post_init__(self) -> None:
+        _require(self.preset in PRESETS, f"model.preset={self.preset!r} must be one of {sorted(PRESETS)}")
+        _require(
+            self.attn_backend in ATTENTION_BACKENDS,
+            f"model.attn_backend={self.attn_backend!r} must be one of {ATTENTION_BACKENDS}",
+        )
+
+    def build(self, *, vocab_size: int, token_ids: dict[str, int]) -> KeyeConfig:
+        """The preset with this run's backend, the tokenizer's vocabulary size and special-token ids."""
+        cfg = preset(self.preset)
+        language = dataclasses.replace(
+            cfg.language, attn_backend=self.attn_backend, vocab_size=max(vocab_size, cfg.language.vocab_size)
+        )
+        vision = dataclasses.replace(cfg.vision, attn_backend=self.attn_backend)
+        return dataclasses.replace(cfg, language=language, vision=vision, **token_ids)
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism (ParallelDims validates them against the world size and the model)."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other degrees leave of the world
+    cp: int = 1
+    tp: int = 1
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _require(
+            self.device in ("auto", "cpu", "cuda"), f"parallel.device={self.device!r} must be auto|cpu|cuda"
+        )
+
+
+@dataclass
+class DataConfig:
+    manifest: str = MISSING  # dataset manifest YAML (keye-data synth writes one)
+    tokenizer: str | None = None  # tokenizer dir; None: the manifest's
+    microbatches: int = 1  # packed sequences per DP rank per optimizer step (gradient accumulation)
+    overlong: str = "skip"  # a sample longer than stage.max_seq_len: skip | truncate_text
+    # Token share per source name, replacing the manifest's (e.g. stage 3's video 24 / image 50 / text 26);
+    # empty keeps the manifest's shares.
+    shares: dict[str, float] = field(default_factory=dict)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    eval_manifest: str | None = None  # held-out shards; None disables evaluation
+    eval_interval: int = 0  # steps between evaluations (0: never)
+    eval_batches: int = 4  # packed sequences per DP rank per evaluation
+
+    def __post_init__(self) -> None:
+        _require(self.microbatches >= 1, f"data.microbatches={self.microbatches} must be >= 1")
+        _require(
+            self.overlong in OVERLONG_POLICIES,
+            f"data.overlong={self.overlong!r} must be in {OVERLONG_POLICIES}",
+        )
+        bad = {k: v for k, v in self.shares.items() if not v > 0}
+        _require(not bad, f"data.shares={dict(self.shares)}: shares must be > 0, got {bad}")
+        _require(self.eval_interval >= 0, f"data.eval_interval={self.eval_interval} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = MISSING  # metrics.jsonl, resolved config and (by default) checkpoints go here
+    steps: int = MISSING  # optimizer steps of this stage
+    seed: int = 0
+    resume: bool = True  # continue from the latest complete checkpoint in checkpoint.dir, if any
+    max_nonfinite_steps: int = 5  # skipped steps (non-finite loss or gradient) before the run stops
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallelize: ParallelizeConfig = field(default_factory=ParallelizeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = MISSING  # every recipe names its stage
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _require(
+            self.max_nonfinite_steps >= 0, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0"
+        )
