@@ -1,0 +1,366 @@
+"""Pipeline parallelism of the decoder: manual stage split and torch.distributed.pipelining schedules.
+
+How the inputs of a packed batch reach the stages (fixed shapes, so the schedule can cut microbatches
+along the batch dimension):
+
+- stage 0 gets `input_ids` (B, S) and `visual` (B, S, D): the visual embeddings, encoded before the
+  schedule runs (by the ViT router, which spreads them over all ranks), written densely at their
+  placeholder slots. Variable-length visual embeddings cannot be chunked by the schedule; their dense
+  (B, S, D) form can, and is no larger than the stage's own embedding output.
+- every stage gets `position_ids` (3, B, S) (each layer applies M-RoPE) and `document_ids` (B, S) as
+  keyword inputs of its own `step` call: each PP rank has the batch's small metadata, so nothing beyond
+  the hidden states crosses the stage boundary and no integer tensor enters the P2P gradient traffic.
+  cu_seqlens is variable-length, so each stage recomputes it per microbatch from the document ids.
+- the last stage gets `labels` (B, S) as the schedule's target; the loss is the summed token cross
+  entropy divided by the number of target tokens of the whole global batch (`loss_kwargs`), so the
+  microbatch losses of all DP replicas add up to the single-process mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.microbatch import TensorChunkSpec
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.models.language import Qwen3Model
+from keye_train.train.loss import token_cross_entropy
+
+# schedule name -> (torch class, stage placement over pp ranks)
+SCHEDULES = {
+    "1f1b": (Schedule1F1B, "loop"),
+    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
+    "zero_bubble": (ScheduleInterleavedZeroBubble, "loop"),
+    "zbv": (ScheduleZBVZeroBubble, "v"),
+}
+
+LossFn = Callable[..., Tensor]
+
+
+@dataclass
+class PipelineConfig:
+    """Schedule, microbatch count and stages per pp rank (virtual stages)."""
+
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    virtual_stages: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"pipeline.schedule={self.schedule!r} is unknown; use one of {sorted(SCHEDULES)}"
+            )
+        if self.microbatches < 1:
+            raise ValueError(f"pipeline.microbatches={self.microbatches} must be >= 1")
+        if self.virtual_stages < 1:
+            raise ValueError(f"pipeline.virtual_stages={self.virtual_stages} must be >= 1")
+        if self.schedule == "1f1b" and self.virtual_stages != 1:
+            raise ValueError(
+                f"pipeline.virtual_stages={self.virtual_stages} needs an interleaved schedule; "
+                f"schedule '1f1b' runs one stage per rank"
+            )
+        if self.schedule == "zbv" and self.virtual_stages != 2:
+            raise ValueError(f"pipeline.virtual_stages={self.virtual_stages}: schedule 'zbv' needs exactly 2")
+
+    def validate(self, *, pp: int, num_layers: int) -> None:
+        """Checks that need the pp degree and the decoder depth."""
+        stages = pp * self.virtual_stages
+        if stages > num_layers:
+            raise ValueError(
+                f"pp*pipeline.virtual_stages={pp}*{self.virtual_stages}={stages} stages exceed the "
+                f"{num_layers} decoder layers: every stage needs at least one layer"
+            )
+        if self.microbatches < pp:
+            raise ValueError(
+                f"pipeline.microbatches={self.microbatches} < pp={pp}: the pipeline would never fill; "
+                f"use at least pp microbatches"
+            )
+        rounds = max(1, self.microbatches // pp)
+        if self.schedule != "1f1b" and self.microbatches % rounds:
+            raise ValueError(
+                f"pipeline.microbatches={self.microbatches} must be a multiple of "
+                f"microbatches // pp = {rounds} for schedule {self.schedule!r}"
+            )
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
+    """Contiguous layer ids per stage; the first stages take one extra layer when it does not divide."""
+    base, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for stage in range(num_stages):
+        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(num_stages)]
+
+
+def stages_of_rank(pp_rank: int, *, pp: int, virtual_stages: int, style: str) -> list[int]:
+    """Stage indices held by one pp rank: round-robin ("loop") or V-shaped ("v", ZBV)."""
+    if style == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual_stages)]
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: Tensor, *, batch: int, seq_len: int) -> Tensor:
+    """(B, S) int32 index of each token's document within its row, from cu_seqlens over B*S tokens.
+
+    A fixed-shape stand-in for cu_seqlens that the schedule can split into microbatches.
+    """
+    bounds = cu_seqlens.to(torch.long)
+    if int(bounds[-1]) != batch * seq_len:
+        raise ValueError(f"cu_seqlens ends at {int(bounds[-1])}, not at batch*seq_len={batch * seq_len}")
+    row_starts = torch.arange(0, batch * seq_len, seq_len)
+    if not torch.isin(row_starts, bounds).all():
+        raise ValueError("cu_seqlens has a document crossing a row boundary; rows must be packed separately")
+    token = torch.arange(batch * seq_len)
+    document = torch.searchsorted(bounds, token, right=True) - 1
+    first_of_row = document.view(batch, seq_len)[:, :1]
+    return (document.view(batch, seq_len) - first_of_row).to(torch.int32)
+
+
+def cu_seqlens_from_document_ids(document_ids: Tensor) -> Tensor:
+    """cu_seqlens over the flattened (B, S) tokens: a boundary at every row start and document change."""
+    batch, seq_len = document_ids.shape
+    # Offsetting each row by more than any document index makes row starts boundaries too.
+    flat = (document_ids.long() + seq_len * torch.arange(batch, device=document_ids.device)[:, None]).view(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    edges = torch.tensor([batch * seq_len], device=document_ids.device)
+    return F.pad(torch.cat([starts, edges]), (1, 0)).to(torch.int32)
+
+
+def visual_slots(
+    input_ids: Tensor, visual_embeds: Tensor | None, *, token_ids: Sequence[int], hidden_size: int
+) -> Tensor:
+    """(B, S, D) tensor holding visual_embeds (in order) at the image/video pad positions, zeros elsewhere."""
+    is_visual = torch.isin(input_ids, torch.tensor(list(token_ids), device=input_ids.device))
+    num_slots = int(is_visual.sum())
+    num_embeds = 0 if visual_embeds is None else visual_embeds.shape[0]
+    if num_slots != num_embeds:
+        raise ValueError(
+            f"the batch has {num_slots} image/video pad tokens but {num_embeds} visual embeddings"
+        )
+    if visual_embeds is None:
+        return torch.zeros(*input_ids.shape, hidden_size, device=input_ids.device)
+    dense = visual_embeds.new_zeros(*input_ids.shape, hidden_size)
+    return dense.masked_scatter(is_visual[..., None], visual_embeds)
+
+
+def normalised_token_loss(logits: Tensor, labels: Tensor, *, num_target_tokens: int | Tensor) -> Tensor:
+    """Summed cross entropy of one microbatch divided by the global batch's target tokens."""
+    loss_sum, _ = token_cross_entropy(logits, labels)
+    if isinstance(loss_sum, DTensor):
+        # Vocab-parallel logits (TP loss_parallel): the summed loss is already reduced over tp.
+        loss_sum = loss_sum.to_local()
+    return loss_sum / num_target_tokens
+
+
+class DecoderStage(nn.Module):
+    """One pipeline stage of the decoder; parameter names equal the full model's (`model.layers.7...`).
+
+    `self.model` is a Qwen3Model holding (references to) this stage's layers under their global keys, the
+    token embedding on the first stage and the final norm on the last (None elsewhere), so whatever
+    parallelises a whole model (TP plans, FSDP, hooks on `model.model`) applies to a stage unchanged.
+    The first stage also splices the visual embeddings; the last applies lm_head.
+    """
+
+    def __init__(self, model: nn.Module, *, layer_ids: Sequence[int], first: bool, last: bool) -> None:
+        super().__init__()
+        decoder = model.model
+        self.visual_token_ids = tuple(model.visual_token_ids)
+        self.first, self.last = first, last
+        # Built empty on the meta device (no memory), then given the full model's own submodules.
+        with torch.device("meta"):
+            self.model = Qwen3Model(dataclasses.replace(decoder.cfg, num_layers=0))
+        self.model.cfg = decoder.cfg
+        self.model.embed_tokens = decoder.embed_tokens if first else None
+        self.model.layers = nn.ModuleDict({str(i): decoder.layers[str(i)] for i in layer_ids})
+        self.model.norm = decoder.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, *inputs: Tensor, position_ids: Tensor, document_ids: Tensor) -> Tensor:
+        """First stage: (input_ids, visual) -> hidden; middle: hidden -> hidden; last: ... -> logits."""
+        if self.first:
+            input_ids, visual = inputs
+            hidden = self.model.embed_tokens(input_ids)
+            is_visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+            hidden = torch.where(is_visual[..., None], visual.to(hidden.dtype), hidden)
+        else:
+            (hidden,) = inputs
+        cu_seqlens = cu_seqlens_from_document_ids(document_ids)
+        hidden = self.model(hidden, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        return self.lm_head(hidden) if self.last else hidden
+
+
+@dataclass
+class Pipeline:
+    """This rank's stage modules and the schedule that drives them."""
+
+    stages: list[DecoderStage]
+    schedule: object
+    config: PipelineConfig
+    visual_token_ids: tuple[int, ...]
+    hidden_size: int
+    loss_parallel: bool = False
+    pipeline_stages: list[PipelineStage] = field(repr=False, default_factory=list)
+
+    @property
+    def has_first_stage(self) -> bool:
+        return any(s.first for s in self.stages)
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(s.last for s in self.stages)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for stage in self.stages:
+            yield from stage.named_parameters()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def step(
+        self, batch: dict[str, Tensor], *, visual_embeds: Tensor | None, num_target_tokens: int | Tensor
+    ) -> Tensor | None:
+        """Forward and backward of one global batch of fixed-length rows (this DP replica's share).
+
+        batch: input_ids, labels (B, S), position_ids (3, B, S), cu_seqlens over the B*S tokens. Every pp
+        rank passes the same batch metadata; visual_embeds are this replica's visual tokens in order on
+        the rank holding stage 0 (possibly an empty routed tensor elsewhere). Gradients reach the
+        visual_embeds' graph after the schedule, on every rank that passed a tensor requiring grad, so a
+        routed ViT's reverse all-to-all runs on all ranks. Returns the summed microbatch losses on the
+        rank holding the last stage, None elsewhere.
+        """
+        input_ids = batch["input_ids"]
+        rows, seq_len = input_ids.shape
+        if rows % self.config.microbatches:
+            raise ValueError(
+                f"the batch has {rows} rows, not divisible by pipeline.microbatches="
+                f"{self.config.microbatches}"
+            )
+        kwargs = {
+            "position_ids": batch["position_ids"],
+            "document_ids": document_ids_from_cu_seqlens(batch["cu_seqlens"], batch=rows, seq_len=seq_len),
+        }
+        args: tuple[Tensor, ...] = ()
+        dense_leaf = None
+        if self.has_first_stage:
+            dense = visual_slots(
+                input_ids, visual_embeds, token_ids=self.visual_token_ids, hidden_size=self.hidden_size
+            )
+            # The schedule sees a leaf: its per-microbatch views accumulate the gradient that the
+            # ViT graph (kept outside the schedule) receives below, once for the whole batch.
+            dense_leaf = dense.detach().requires_grad_(dense.requires_grad)
+            args = (input_ids, dense_leaf)
+        losses: list[Tensor] = []
+        # Vocab-sharded logits need their cross entropy and its backward inside loss_parallel; the
+        # schedule runs both, so the whole step goes inside.
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+            self.schedule.step(
+                *args,
+                target=batch["labels"] if self.has_last_stage else None,
+                losses=losses,
+                return_outputs=False,
+                loss_kwargs={"num_target_tokens": num_target_tokens},
+                **kwargs,
+            )
+        if visual_embeds is not None and visual_embeds.requires_grad:
+            grad = torch.zeros_like(visual_embeds)
+            if dense_leaf is not None and dense_leaf.grad is not None:
+                is_visual = torch.isin(
+                    input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device)
+                )
+                grad = dense_leaf.grad[is_visual]
+            torch.autograd.backward(visual_embeds, grad)
+        return torch.stack(losses).sum().detach() if self.has_last_stage else None
+
+
+def build_pipeline(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    schedule: str = "1f1b",
+    microbatches: int,
+    virtual_stages: int = 1,
+    loss_fn: LossFn = normalised_token_loss,
+    parallelize_stage: Callable[[nn.Module], nn.Module] | None = None,
+) -> Pipeline:
+    """Cut `model`'s decoder into pp * virtual_stages stages, keep this rank's, wrap them in a schedule.
+
+    The stage modules reference the model's own submodules (no copy): build on the meta device and
+    materialise the stages for large models. `parallelize_stage` (e.g. TP/FSDP) is applied to each stage
+    module before it is handed to the schedule. The schedule does not rescale gradients: loss_fn already
+    divides by the global target count (it receives `num_target_tokens` as a keyword).
+    """
+    config = PipelineConfig(schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages)
+    num_layers = len(model.model.layers)
+    config.validate(pp=dims.pp, num_layers=num_layers)
+    schedule_cls, style = SCHEDULES[config.schedule]
+    num_stages = dims.pp * config.virtual_stages
+    layers = split_layers(num_layers, num_stages)
+    pp_rank = dims.rank_coordinates["pp"]
+    pp_group = dims.submesh("pp").get_group()
+    # PipelineStage allocates its receive buffers on this device.
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dims.device_type == "cuda"
+        else torch.device("cpu")
+    )
+    stage_ids = stages_of_rank(pp_rank, pp=dims.pp, virtual_stages=config.virtual_stages, style=style)
+    modules, wrapped = [], []
+    for stage_id in stage_ids:
+        module = DecoderStage(
+            model, layer_ids=layers[stage_id], first=stage_id == 0, last=stage_id == num_stages - 1
+        )
+        if parallelize_stage is not None:
+            module = parallelize_stage(module)
+        modules.append(module)
+        wrapped.append(PipelineStage(module, stage_id, num_stages, device, group=pp_group))
+    chunking = {"position_ids": TensorChunkSpec(1), "document_ids": TensorChunkSpec(0)}
+    common = dict(n_microbatches=config.microbatches, loss_fn=loss_fn, kwargs_chunk_spec=chunking)
+    if schedule_cls is Schedule1F1B:
+        runner = schedule_cls(wrapped[0], scale_grads=False, **common)
+    else:
+        runner = schedule_cls(wrapped, scale_grads=False, **common)
+    return Pipeline(
+        stages=modules,
+        schedule=runner,
+        config=config,
+        visual_token_ids=tuple(model.visual_token_ids),
+        hidden_size=model.model.cfg.hidden_size,
+        loss_parallel=any(isinstance(p, DTensor) for m in modules for p in m.parameters()),
+        pipeline_stages=wrapped,
+    )
+
+
+def stack_packed_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack single-row packed batches of equal length into one (B, S) global batch.
+
+    cu_seqlens are shifted to the flattened B*S token index; visual inputs are concatenated in row order.
+    """
+    lengths = {r["input_ids"].shape for r in rows}
+    if len(lengths) != 1 or next(iter(lengths))[0] != 1:
+        raise ValueError(f"rows must each be (1, S) with one common S, got shapes {sorted(lengths)}")
+    seq_len = rows[0]["input_ids"].shape[1]
+    cu = [rows[0]["cu_seqlens"][:1]] + [r["cu_seqlens"][1:] + i * seq_len for i, r in enumerate(rows)]
+    return {
+        "input_ids": torch.cat([r["input_ids"] for r in rows]),
+        "labels": torch.cat([r["labels"] for r in rows]),
+        "position_ids": torch.cat([r["position_ids"] for r in rows], dim=1),
+        "cu_seqlens": torch.cat(cu).to(torch.int32),
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+        "grid_thw": torch.cat([r["grid_thw"] for r in rows]),
+    }

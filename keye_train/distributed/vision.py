@@ -1,0 +1,263 @@
+"""Heterogeneous ViT: the whole step's images and frames spread over all ranks, embeddings routed to stage 0.
+
+Each step every rank knows the visual items (images and video frames) of the global batch and which ranks
+consume each one: the pipeline-stage-0 ranks of the DP replica whose rows hold its placeholders (TP peers
+each need the full embeddings). A pluggable cost model and assignment place every item on exactly one
+rank of the world, which encodes it (ViT + projector); `all_to_all_single` then moves the embeddings to
+their consumers, and in backward the gradients take the reverse route. No item is encoded twice, so TP,
+CP and PP peers never duplicate ViT work.
+
+Gradient convention (the one FSDP units use here too): the loss is divided by the GLOBAL number of target
+tokens, so each rank's ViT gradient is its share of the one global gradient and the world reduction is a
+plain sum (`reduce_visual_grads`). Consumers of the same item that are TP peers receive identical full
+gradients for it (the decoder input is replicated over tp), so the copies' gradients are averaged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from keye_train.distributed.parallel_dims import MESH_DIMS, ParallelDims
+
+CostFn = Callable[["VisualItem"], float]
+# (costs of the items, world size) -> the rank that encodes each item
+AssignFn = Callable[[Sequence[float], int], list[int]]
+
+
+@dataclass(frozen=True)
+class VisualItem:
+    """One image or one video frame of the global batch: the unit of ViT work (attention never crosses it)."""
+
+    grid_hw: tuple[int, int]  # patch grid
+    consumers: tuple[int, ...]  # ranks (of the router's group, the world by default) that splice it
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+
+def visual_items(grid_thw: Tensor, *, consumers: Sequence[int]) -> list[VisualItem]:
+    """Items of one DP replica's batch in placeholder order; a (t, h, w) video becomes t frames."""
+    items = []
+    for t, h, w in grid_thw.tolist():
+        items += [VisualItem(grid_hw=(h, w), consumers=tuple(consumers))] * t
+    return items
+
+
+def frame_pixels(pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
+    """The patches of every frame (image or video frame), in the order of `visual_items`."""
+    sizes = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    return list(pixel_values.split(sizes))
+
+
+def stage0_consumers(dims: ParallelDims) -> list[list[int]]:
+    """For each DP replica (dp rank order), the global ranks of its pipeline stage 0 (all tp/cp peers)."""
+    ranks = dims.mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp) global ranks
+    assert tuple(dims.mesh.mesh_dim_names) == MESH_DIMS
+    return ranks[0].reshape(dims.dp, dims.cp * dims.tp).tolist()
+
+
+class PatchCost:
+    """ViT cost of one item ~ FLOPs per layer: linear layers ~ 24 p d^2, attention ~ 4 p^2 d."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden_size = hidden_size
+
+    def __call__(self, item: VisualItem) -> float:
+        p = item.num_patches
+        return float(p * (6 * self.hidden_size + p))
+
+
+def greedy_longest_first(costs: Sequence[float], world_size: int) -> list[int]:
+    """Most expensive item first, each onto the least-loaded rank (ties: lowest rank); deterministic, so
+    every rank computes the same plan without communicating."""
+    loads = [0.0] * world_size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[i] = rank
+        loads[rank] += costs[i]
+    return owner
+
+
+@dataclass(frozen=True)
+class VisualWorkReport:
+    """How one step's visual work was spread over the world."""
+
+    patches_per_rank: tuple[int, ...]
+    items_per_rank: tuple[int, ...]
+    cost_per_rank: tuple[float, ...]
+
+    @property
+    def max_cost(self) -> float:
+        return max(self.cost_per_rank)
+
+    @property
+    def mean_cost(self) -> float:
+        return sum(self.cost_per_rank) / len(self.cost_per_rank)
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean cost (1.0 is perfect balance; 1.0 too when there is no visual work)."""
+        return self.max_cost / self.mean_cost if self.mean_cost > 0 else 1.0
+
+
+class _RouteRows(torch.autograd.Function):
+    """all_to_all_single of rows with variable split sizes; backward sends the gradients back.
+
+    Written by hand because torch.distributed's functional all-to-all is not differentiable on every
+    backend/version we run (gloo); the reverse route is simply the same call with the splits swapped.
+    """
+
+    @staticmethod
+    def forward(ctx, send, anchor, send_splits, recv_splits, grad_weight, group):
+        ctx.splits = (send_splits, recv_splits)
+        ctx.group = group
+        ctx.save_for_backward(grad_weight)
+        out = send.new_empty(sum(recv_splits), send.shape[1])
+        dist.all_to_all_single(
+            out, send.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        send_splits, recv_splits = ctx.splits
+        (grad_weight,) = ctx.saved_tensors
+        grad_send = grad_out.new_empty(sum(send_splits), grad_out.shape[1])
+        # Every rank takes part, also one whose own rows need no gradient: peers are waiting on it.
+        dist.all_to_all_single(
+            grad_send,
+            grad_out.contiguous(),
+            output_split_sizes=send_splits,
+            input_split_sizes=recv_splits,
+            group=ctx.group,
+        )
+        grad_send = grad_send * grad_weight[:, None] if ctx.needs_input_grad[0] else None
+        return grad_send, None, None, None, None, None
+
+
+class VisualRouter:
+    """Encodes this rank's share of the global batch's visual items and routes embeddings to consumers.
+
+    model: has `encode_visual(pixel_values, grid_thw)` (the ViT + projector, replicated on every rank) and
+    `cfg`. Every rank of `group` must call the router each step with the same items, and must later run
+    backward through what it returned (see `Pipeline.step`), even when that is empty.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        group: dist.ProcessGroup | None = None,
+        cost_fn: CostFn | None = None,
+        assign_fn: AssignFn = greedy_longest_first,
+    ) -> None:
+        self.model = model
+        self.group = group
+        self.cost_fn = cost_fn or PatchCost(model.cfg.vision.hidden_size)
+        self.assign_fn = assign_fn
+        self.merge = model.cfg.projector.merge_size
+        self.hidden_size = model.cfg.language.hidden_size
+
+    def plan(self, items: Sequence[VisualItem]) -> tuple[list[int], VisualWorkReport]:
+        """The encoding rank of every item and the resulting spread of work."""
+        world = dist.get_world_size(self.group)
+        costs = [self.cost_fn(item) for item in items]
+        owner = self.assign_fn(costs, world)
+        if len(owner) != len(items) or any(not 0 <= r < world for r in owner):
+            raise ValueError(f"assign_fn returned {owner!r}: need one rank in [0, {world}) per item")
+        patches, counts, loads = [0] * world, [0] * world, [0.0] * world
+        for item, rank, cost in zip(items, owner, costs):
+            patches[rank] += item.num_patches
+            counts[rank] += 1
+            loads[rank] += cost
+        return owner, VisualWorkReport(tuple(patches), tuple(counts), tuple(loads))
+
+    def __call__(
+        self, items: Sequence[VisualItem], *, pixels: Callable[[int], Tensor]
+    ) -> tuple[Tensor, VisualWorkReport]:
+        """Embeddings of the items this rank consumes, in item order, and the step's work report.
+
+        pixels(i) returns item i's patches (h*w, 3, p, p); it is only called for items encoded here.
+        """
+        world = dist.get_world_size(self.group)
+        me = dist.get_rank(self.group)
+        owner, report = self.plan(items)
+        tokens = [item.num_patches // self.merge**2 for item in items]
+        mine = [i for i, r in enumerate(owner) if r == me]
+        encoded = self._encode(items, mine, pixels)
+
+        # Send buffer grouped by destination rank, items ascending inside each group.
+        row_start, offset = {}, 0
+        for i in mine:
+            row_start[i], offset = offset, offset + tokens[i]
+        by_dest: dict[int, list[int]] = defaultdict(list)
+        for i in mine:
+            for dest in items[i].consumers:
+                by_dest[dest].append(i)
+        send_index, send_weight, send_splits = [], [], []
+        for dest in range(world):
+            for i in by_dest[dest]:
+                send_index += range(row_start[i], row_start[i] + tokens[i])
+                send_weight += [1.0 / len(items[i].consumers)] * tokens[i]
+            send_splits.append(sum(tokens[i] for i in by_dest[dest]))
+        # Receive buffer grouped by source rank; reorder it to item order for the splice.
+        by_src: dict[int, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if me in item.consumers:
+                by_src[owner[i]].append(i)
+        received = [i for src in range(world) for i in by_src[src]]
+        recv_splits = [sum(tokens[i] for i in by_src[src]) for src in range(world)]
+        recv_start, offset = {}, 0
+        for i in received:
+            recv_start[i], offset = offset, offset + tokens[i]
+        order = [j for i in sorted(received) for j in range(recv_start[i], recv_start[i] + tokens[i])]
+
+        send = encoded[torch.tensor(send_index, dtype=torch.long, device=encoded.device)]
+        # A zero-size leaf that requires grad keeps every rank's output in the autograd graph, so each rank
+        # runs the backward all-to-all even when it encodes and consumes nothing.
+        anchor = torch.empty(0, device=encoded.device, requires_grad=torch.is_grad_enabled())
+        weight = torch.tensor(send_weight, dtype=encoded.dtype, device=encoded.device)
+        routed = _RouteRows.apply(send, anchor, send_splits, recv_splits, weight, self.group)
+        return routed[torch.tensor(order, dtype=torch.long, device=encoded.device)], report
+
+    def _encode(
+        self, items: Sequence[VisualItem], mine: list[int], pixels: Callable[[int], Tensor]
+    ) -> Tensor:
+        if not mine:
+            param = next(self.model.mlp_AR.parameters())
+            return param.new_empty(0, self.hidden_size)
+        grid = torch.tensor([(1, *items[i].grid_hw) for i in mine])
+        # Encoded in one packed ViT call: attention stays within each frame (segment per item).
+        return self.model.encode_visual(torch.cat([pixels(i) for i in mine]), grid)
+
+
+@torch.no_grad()
+def reduce_visual_grads(
+    modules: Sequence[nn.Module], *, group: dist.ProcessGroup | None = None, divide_by: float = 1.0
+) -> None:
+    """Sum the replicated ViT/projector gradients over the world (then divide by `divide_by`).
+
+    With the loss normalised by the global target count the sum is the full gradient (divide_by=1); a
+    caller that scaled its loss by k passes divide_by=k. A parameter keeps grad None when no rank produced
+    a gradient for it (e.g. the unused pooling head), so the optimizer skips it as a single process would.
+    """
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    # One bucket: a collective per parameter would cost far more latency than the extra bytes.
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1.0:
+        flat /= divide_by
+    for p, chunk, used in zip(params, flat.split([p.numel() for p in params]), has_grad.tolist()):
+        p.grad = chunk.view_as(p).clone() if used else None
