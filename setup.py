@@ -45,6 +45,8 @@ setup(
             "keye-data=keye_train.cli.data:main",
             "keye-demo=keye_train.cli.demo:main",
             "keye-estimate=keye_train.cli.estimate:main",
+            "keye-train=keye_train.cli.train:main",
+            "keye-merge=keye_train.cli.merge:main",
         ]
     },
 )

@@ -1,4 +1,4 @@
-"""keye-convert: build Keye-VL-1.5 HF checkpoints from SigLIP + Qwen3, and inspect checkpoint dirs."""
+"""keye-convert: build Keye-VL-1.5 HF checkpoints from SigLIP + Qwen3, inspect them, export/import DCP."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from keye_train.checkpoint.export import export_to_hf, import_from_hf
 from keye_train.checkpoint.hf_convert import init_from_siglip_qwen3
 from keye_train.checkpoint.hf_inspect import inspect_checkpoint
 from keye_train.checkpoint.safetensors_io import parse_size
@@ -98,11 +99,44 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     sub.set_defaults(func=_run_inspect)
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    export_to_hf(
+        args.ckpt,
+        args.out,
+        dtype=args.dtype,
+        tokenizer_dir=args.tokenizer,
+        max_shard_bytes=args.max_shard_size,
+    )
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    import_from_hf(args.hf, args.out)
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    sub = subparsers.add_parser("export", help="keye_train DCP checkpoint -> Keye-VL-1.5 HF dir")
+    sub.add_argument("--ckpt", required=True, help="step-N or final dir, or a stage dir (final, else newest)")
+    sub.add_argument("--out", required=True, help="output HF dir; must not exist yet")
+    sub.add_argument("--tokenizer", help="dir whose tokenizer files are copied beside the weights")
+    sub.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    sub.add_argument("--max-shard-size", type=_size, default=parse_size("5GB"), help="e.g. 5GB, 500MB")
+    sub.set_defaults(func=_run_export)
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
+    sub = subparsers.add_parser("import", help="Keye-VL-1.5 HF dir -> DCP checkpoint (init_from / resume)")
+    sub.add_argument("--hf", required=True, help="a Keye-VL-1.5 Hugging Face dir")
+    sub.add_argument("--out", required=True, help="output DCP checkpoint dir; must not exist yet")
+    sub.set_defaults(func=_run_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The keye-convert parser; each subcommand registers itself through an _add_* function."""
     parser = argparse.ArgumentParser(prog="keye-convert", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_init, _add_inspect):
+    for add in (_add_init, _add_inspect, _add_export, _add_import):
         add(subparsers)
     return parser
 

@@ -51,7 +51,9 @@ class ModelConfig:
             cfg.language, attn_backend=self.attn_backend, vocab_size=max(vocab_size, cfg.language.vocab_size)
         )
         vision = dataclasses.replace(cfg.vision, attn_backend=self.attn_backend)
-        return dataclasses.replace(cfg, language=language, vision=vision, **token_ids)
+        # Stage 0 feeds the text tower with the same tokenizer (the tiny preset's tower is smaller).
+        tower = dataclasses.replace(cfg.text_tower, vocab_size=max(vocab_size, cfg.text_tower.vocab_size))
+        return dataclasses.replace(cfg, language=language, vision=vision, text_tower=tower, **token_ids)
 
 
 @dataclass

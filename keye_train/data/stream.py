@@ -23,14 +23,54 @@ class StreamState:
     batches_in_epoch: int = 0  # packed batches already consumed in this epoch
 
 
-class PackedStream:
-    """Epoch e mixes the manifest's sources with seed (seed + e) and packs them; epochs repeat forever.
+class EpochStream:
+    """Batches of epoch e are a pure function of (manifest, seed, e); epochs repeat forever.
 
-    The order is a pure function of (manifest, seed, epoch), so the state is two integers: resuming
-    rebuilds the epoch and skips what was consumed, and yields exactly the batches an uninterrupted run
-    would have. (Skipping re-decodes the skipped samples; a shard index that seeks directly replaces this
-    replay in the data-loader work.)
+    So the state is two integers: resuming rebuilds the epoch and skips what was consumed, and yields
+    exactly the batches an uninterrupted run would have. (Skipping re-decodes the skipped samples; the
+    index-based loader seeks instead.) Subclasses say what one epoch yields.
     """
+
+    counter: SkipCounter
+
+    def _epoch(self, epoch: int) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _batches(self) -> Iterator[Any]:
+        skip = self.state.batches_in_epoch
+        while True:
+            produced = 0
+            for n, batch in enumerate(self._epoch(self.state.epoch)):
+                produced += 1
+                if n < skip:
+                    continue
+                self.state.batches_in_epoch = n + 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(
+                    "the manifest produced no batch in a whole epoch; were all samples skipped? "
+                    f"skips: {self.counter.summary()}"
+                )
+            log.info("data epoch %d finished after %d batches", self.state.epoch, produced)
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+            skip = 0
+
+    def next_batch(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = StreamState(epoch=int(state["epoch"]), batches_in_epoch=int(state["batches_in_epoch"]))
+        self._iterator = None
+
+
+class PackedStream(EpochStream):
+    """Epoch e mixes the manifest's sources to their token shares with seed (seed + e) and packs them."""
 
     def __init__(
         self,
@@ -74,35 +114,3 @@ class PackedStream:
         )
         ids = self.tokenizer.ids
         return pack(mixture, cfg=self.packing, vision_start=ids.vision_start, vision_end=ids.vision_end)
-
-    def _batches(self) -> Iterator[PackedBatch]:
-        skip = self.state.batches_in_epoch
-        while True:
-            produced = 0
-            for n, batch in enumerate(self._epoch(self.state.epoch)):
-                produced += 1
-                if n < skip:
-                    continue
-                self.state.batches_in_epoch = n + 1
-                yield batch
-            if produced == 0:
-                raise RuntimeError(
-                    "the manifest produced no packed batch in a whole epoch; were all samples skipped? "
-                    f"skips: {self.counter.summary()}"
-                )
-            log.info("data epoch %d finished after %d packed batches", self.state.epoch, produced)
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
-            skip = 0
-
-    def next_batch(self) -> PackedBatch:
-        if self._iterator is None:
-            self._iterator = self._batches()
-        return next(self._iterator)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = StreamState(epoch=int(state["epoch"]), batches_in_epoch=int(state["batches_in_epoch"]))
-        self._iterator = None

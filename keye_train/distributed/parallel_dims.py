@@ -110,7 +110,9 @@ class ParallelDims:
 
     @cached_property
     def rank_coordinates(self) -> dict[str, int]:
-        """This rank's coordinate along each mesh dimension."""
+        """This rank's coordinate along each mesh dimension (all 0 for a single process without a group)."""
+        if self.world_size == 1 and not dist.is_initialized():
+            return dict.fromkeys(MESH_DIMS, 0)
         return {name: self.mesh[name].get_local_rank() for name in MESH_DIMS}
 
     @property

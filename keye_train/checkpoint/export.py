@@ -1,0 +1,161 @@
+"""DCP checkpoint <-> Keye-VL-1.5 Hugging Face directory, streamed tensor group by tensor group."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from keye_train.checkpoint.dcp import (
+    iter_model_tensors,
+    make_meta,
+    model_tensor_specs,
+    resolve_checkpoint,
+    saved_keye_config,
+    write_model_checkpoint,
+)
+from keye_train.checkpoint.hf import (
+    TEXT_TOWER_DIR,
+    compare_layout,
+    expected_keye_layout,
+    expected_text_tower_layout,
+    layout_error,
+    load_keye_config,
+    save_keye_hf,
+)
+from keye_train.checkpoint.safetensors_io import ShardedWriter, iter_checkpoint, parse_dtype, read_layout
+from keye_train.models.configs import TextTowerConfig
+
+# What a Hugging Face tokenizer dir may hold; copied verbatim beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    if not tokenizer_dir.is_dir():
+        raise ValueError(f"tokenizer dir {tokenizer_dir} does not exist")
+    files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not any(f.name.startswith("tokenizer") for f in files):
+        raise ValueError(
+            f"tokenizer dir {tokenizer_dir} holds no tokenizer.json / tokenizer_config.json / tokenizer.model"
+        )
+    return files
+
+
+def _write_text_tower(
+    source: Path, keys: list[str], cfg: TextTowerConfig, out_dir: Path, *, dtype: str | torch.dtype, log
+) -> None:
+    if set(keys) != set(expected_text_tower_layout(cfg)):
+        log(f"export: the text tower in {source} is incomplete; {TEXT_TOWER_DIR}/ is not written")
+        return
+    writer = ShardedWriter(out_dir, max_shard_bytes=5 * 10**9, dtype=parse_dtype(dtype), label=TEXT_TOWER_DIR)
+    for key, tensor in iter_model_tensors(source, keys=keys):
+        writer.add(key, tensor)
+    writer.close()
+    config = {
+        "architectures": ["SiglipTextModel"],
+        "model_type": "siglip_text_model",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_positions,
+        "projection_size": cfg.projection_size,
+        "layer_norm_eps": cfg.layer_norm_eps,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log(f"export: wrote the SigLIP text tower ({len(keys)} tensors) to {TEXT_TOWER_DIR}/")
+
+
+def export_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    group_bytes: int = 1 << 30,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """A keye_train checkpoint (step dir, `final` dir or stage dir) -> a Keye-VL-1.5 Hugging Face dir.
+
+    config.json comes from the KeyeConfig saved in the checkpoint. Tensors are read about `group_bytes` at
+    a time and written shard by shard; everything is staged beside `out_dir` and renamed into place only
+    when complete, so a failure leaves no `out_dir` at all.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists():
+        raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
+    tokenizer = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
+    source = resolve_checkpoint(ckpt_dir, log=log)
+    cfg = saved_keye_config(source)
+    expected = expected_keye_layout(cfg)
+    specs = model_tensor_specs(source)
+    # Stage 0 trains the SigLIP text tower beside the model: it goes to siglip_text/, as keye-convert init
+    # lays it out, so the export can start another stage 0.
+    tower_layout = expected_text_tower_layout(cfg.text_tower)
+    tower_keys = [k for k in specs if k in tower_layout and k not in expected]
+    extra = [k for k in specs if k not in expected and k not in tower_layout]
+    if extra:
+        log(f"export: leaving out {len(extra)} tensors outside the Keye-VL-1.5 layout, e.g. {extra[:3]}")
+    keys = [k for k in specs if k in expected]
+    log(f"export: {source} -> {out_dir} ({len(keys)} tensors, {parse_dtype(dtype)})")
+    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_keye_hf(
+            iter_model_tensors(source, keys=keys, group_bytes=group_bytes),
+            cfg=cfg,
+            out_dir=staging,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            log=log,
+        )
+        if tower_keys:
+            _write_text_tower(
+                source, tower_keys, cfg.text_tower, staging / TEXT_TOWER_DIR, dtype=dtype, log=log
+            )
+        for file in tokenizer:
+            shutil.copy2(file, staging / file.name)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"export: wrote {out_dir}" + (f" with {len(tokenizer)} tokenizer files" if tokenizer else ""))
+    return out_dir
+
+
+def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, log: Callable[[str], None] = print) -> Path:
+    """A Keye-VL-1.5 Hugging Face dir -> a model-only DCP checkpoint (usable as `init_from` or to resume).
+
+    Tensors keep their stored dtype (loading casts them to the model's). DCP writes one checkpoint from one
+    state dict, so the weights are held in memory once (about 17 GB for the 8B model in bf16).
+    """
+    hf_dir = Path(hf_dir)
+    cfg = load_keye_config(hf_dir)
+    missing, unexpected, mismatched = compare_layout(read_layout(hf_dir), expected_keye_layout(cfg))
+    if missing or unexpected or mismatched:
+        raise ValueError(layout_error(hf_dir, missing, unexpected, mismatched))
+    if (hf_dir / TEXT_TOWER_DIR).is_dir():
+        log(f"import: {hf_dir / TEXT_TOWER_DIR} (SigLIP text tower) is not imported; only the Keye model is")
+    state = dict(iter_checkpoint(hf_dir))
+    log(f"import: {hf_dir} -> {out_dir} ({len(state)} tensors)")
+    write_model_checkpoint(state, out_dir, meta=make_meta(step=None, keye_cfg=cfg))
+    log(f"import: wrote {out_dir}")
+    return Path(out_dir)

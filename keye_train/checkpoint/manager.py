@@ -1,0 +1,370 @@
+"""CheckpointManager: periodic (async) DCP saves, keep-last-k, resume from the newest complete checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from keye_train.checkpoint.dcp import (
+    FINAL_DIR,
+    META_KEY,
+    MODEL_KEY,
+    OPTIM_KEY,
+    ModelStateful,
+    OptimizerStateful,
+    as_list,
+    checkpoint_problem,
+    find_latest_complete,
+    make_meta,
+    pack,
+    quiet_dcp,
+    read_dcp_metadata,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+    step_dirs,
+    unpack,
+    write_marker,
+)
+from keye_train.models.configs import KeyeConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointManager",
+    "TrainState",
+    "check_model_keys",
+    "find_latest_complete",
+    "load_model_weights",
+    "resolve_checkpoint",
+]
+
+SCHEDULER_KEY = "scheduler"
+COUNTERS_KEY = "counters"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng_rank{rank}"
+
+
+def _data_key(rank: int) -> str:
+    return f"data_rank{rank}"
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to checkpoint. keep_last=0 keeps every checkpoint."""
+
+    dir: str = "checkpoints"
+    interval_steps: int = 1000
+    keep_last: int = 3
+    async_save: bool = False
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.enabled and not str(self.dir).strip():
+            raise ValueError(
+                f"checkpoint.dir={self.dir!r} must name a directory when checkpointing is enabled"
+            )
+        if self.interval_steps < 1:
+            raise ValueError(f"checkpoint.interval_steps={self.interval_steps} must be >= 1")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 keeps all)")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds. The trainer keeps these objects; load() restores them in place.
+
+    model / optimizer may be lists (one entry per pipeline chunk on this rank). `dataloader` and
+    `scheduler` need state_dict()/load_state_dict(); `counters` (step, tokens seen, ...) is updated in place.
+    """
+
+    model: nn.Module | Sequence[nn.Module]
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None
+    scheduler: Any = None
+    dataloader: Any = None
+    counters: dict[str, Any] = field(default_factory=dict)
+    config_yaml: str = ""
+    keye_cfg: KeyeConfig | None = None
+
+    def resolved_keye_cfg(self) -> KeyeConfig | None:
+        if self.keye_cfg is not None:
+            return self.keye_cfg
+        cfg = getattr(as_list(self.model)[0], "cfg", None)
+        return cfg if isinstance(cfg, KeyeConfig) else None
+
+
+class CheckpointManager:
+    """Saves `<dir>/step-N` DCP checkpoints of a TrainState and restores them, on every rank collectively.
+
+    With async_save, save() returns once the state is copied to CPU; the write finishes in a thread and is
+    finalised (marker, pruning) by the next save() or by wait(), which the trainer calls before exiting.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, *, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self._log = log
+        self._pending: tuple[int, Path, Future] | None = None
+        # DCP's async writer runs collectives from a thread; a group of its own keeps them from
+        # interleaving with the training collectives (gloo also serves CPU tensors under NCCL training).
+        self._async_group = (
+            dist.new_group(backend="gloo")
+            if cfg.enabled and cfg.async_save and dist.is_initialized()
+            else None
+        )
+
+    def log(self, message: str) -> None:
+        if _rank() == 0:
+            self._log(message)
+
+    def should_save(self, step: int) -> bool:
+        return self.cfg.enabled and step > 0 and step % self.cfg.interval_steps == 0
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / f"step-{step}"
+
+    def _save_dict(self, step: int, state: TrainState) -> dict[str, Any]:
+        rank = _rank()
+        items: dict[str, Any] = {MODEL_KEY: ModelStateful(state.model)}
+        if state.optimizer is not None:
+            items[OPTIM_KEY] = OptimizerStateful(state.model, state.optimizer)
+        if state.scheduler is not None:
+            items[SCHEDULER_KEY] = pack(state.scheduler.state_dict())
+        items[COUNTERS_KEY] = pack({**state.counters, "step": step})
+        # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
+        items[_rng_key(rank)] = pack(rng_state())
+        if state.dataloader is not None:
+            items[_data_key(rank)] = pack(state.dataloader.state_dict())
+        meta = make_meta(
+            step=step,
+            keye_cfg=state.resolved_keye_cfg(),
+            config_yaml=state.config_yaml,
+            world_size=_world_size(),
+        )
+        items[META_KEY] = pack(meta)
+        return items
+
+    def _prepare_dir(self, path: Path) -> None:
+        if _rank() == 0:
+            if path.exists():  # a leftover of a crashed save, or a rerun of the same step
+                self.log(f"checkpoint: removing stale {path} before saving again")
+                shutil.rmtree(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        _barrier()
+
+    def save(self, step: int, state: TrainState) -> Path | None:
+        """Collective. Saves step-`step` (returns its path), or nothing when checkpointing is disabled."""
+        if not self.cfg.enabled:
+            return None
+        self.wait()
+        path = self.step_dir(step)
+        self._prepare_dir(path)
+        items = self._save_dict(step, state)
+        with quiet_dcp():
+            if self.cfg.async_save:
+                response = dcp.async_save(items, checkpoint_id=str(path), process_group=self._async_group)
+                self._pending = (step, path, getattr(response, "upload_completion", response))
+                self.log(f"checkpoint: step {step} staged, writing {path} in the background")
+                return path
+            dcp.save(items, checkpoint_id=str(path))
+        self._finalize(step, path)
+        return path
+
+    def wait(self) -> None:
+        """Collective. Finishes an in-flight async save: waits for the write, then marker and pruning."""
+        if self._pending is None:
+            return
+        step, path, future = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(step, path)
+
+    def _finalize(self, step: int, path: Path) -> None:
+        _barrier()  # every rank's files and DCP's .metadata are written
+        if _rank() == 0:
+            write_marker(path, step=step)
+            self.log(f"checkpoint: saved {path}")
+            self._prune()
+        _barrier()  # nobody looks for the marker before it exists
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last == 0:
+            return
+        complete = [p for _, p in step_dirs(self.dir) if checkpoint_problem(p) is None]
+        for old in complete[self.cfg.keep_last :]:
+            self.log(f"checkpoint: deleting {old} (keep_last={self.cfg.keep_last})")
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_complete(self) -> Path | None:
+        """Newest complete step dir. Rank 0 decides and broadcasts, so every rank resumes the same one."""
+        choice = [find_latest_complete(self.dir, log=self._log) if _rank() == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def load(self, step_dir: str | Path, state: TrainState) -> int:
+        """Collective. Restores everything the checkpoint holds into `state`; returns the saved step.
+
+        Model keys must all be present. A model-only checkpoint (import, merge, `final`) leaves optimizer,
+        scheduler and loader fresh, with a message; so does a rank that did not exist when it was saved.
+        """
+        step_dir = Path(step_dir)
+        problem = checkpoint_problem(step_dir)
+        if problem is not None:
+            raise ValueError(f"checkpoint {step_dir} cannot be loaded: {problem}")
+        saved = read_dcp_metadata(step_dir).state_dict_metadata
+        rank = _rank()
+        items: dict[str, Any] = {MODEL_KEY: ModelStateful(state.model)}
+        check_model_keys(items[MODEL_KEY], saved, step_dir)
+        optimizers = as_list(state.optimizer)
+        if optimizers and any(k.startswith(OPTIM_KEY + ".") for k in saved):
+            items[OPTIM_KEY] = OptimizerStateful(state.model, optimizers, saved_keys=set(saved))
+        elif optimizers:
+            self.log(f"checkpoint: {step_dir} holds no optimizer state; the optimizer starts fresh")
+        wanted = {SCHEDULER_KEY: state.scheduler, COUNTERS_KEY: True, _rng_key(rank): True}
+        wanted[_data_key(rank)] = state.dataloader
+        for key, target in wanted.items():
+            if target is None:
+                continue
+            if key in saved:
+                items[key] = b""
+            else:
+                self._log(f"checkpoint: {step_dir} has no '{key}' for rank {rank}; it starts fresh")
+        with quiet_dcp():
+            dcp.load(items, checkpoint_id=str(step_dir))
+        if SCHEDULER_KEY in items:
+            state.scheduler.load_state_dict(unpack(items[SCHEDULER_KEY]))
+        counters = unpack(items[COUNTERS_KEY]) if COUNTERS_KEY in items else {}
+        state.counters.clear()
+        state.counters.update(counters)
+        if _data_key(rank) in items:
+            state.dataloader.load_state_dict(unpack(items[_data_key(rank)]))
+        if _rng_key(rank) in items:
+            set_rng_state(unpack(items[_rng_key(rank)]))  # last, so nothing consumes randomness after
+        self.log(f"checkpoint: resumed from {step_dir}")
+        return int(counters.get("step", 0))
+
+    def resume(self, state: TrainState) -> int | None:
+        """Collective. Loads the newest complete checkpoint if any; returns its step or None."""
+        latest = self.latest_complete() if self.cfg.enabled else None
+        return None if latest is None else self.load(latest, state)
+
+    def save_final(self, state: TrainState) -> Path:
+        """Collective. `<dir>/final`: the model weights only (plus meta), the hand-off to the next stage."""
+        self.wait()
+        path = self.dir / FINAL_DIR
+        self._prepare_dir(path)
+        step = state.counters.get("step")
+        meta = make_meta(
+            step=step,
+            keye_cfg=state.resolved_keye_cfg(),
+            config_yaml=state.config_yaml,
+            world_size=_world_size(),
+        )
+        with quiet_dcp():
+            dcp.save({MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}, checkpoint_id=str(path))
+        _barrier()
+        if _rank() == 0:
+            write_marker(path, step=step)
+            self.log(f"checkpoint: saved final weights to {path}")
+        _barrier()
+        return path
+
+    def close(self) -> None:
+        """Collective. Finishes any pending save and releases the async process group."""
+        self.wait()
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+
+def check_model_keys(model_state: ModelStateful, saved: dict[str, Any], step_dir: Path) -> None:
+    """ValueError naming the checkpoint and the first missing keys if the model asks for absent tensors."""
+    prefix = MODEL_KEY + "."
+    wanted = model_state.state_dict()
+    missing = sorted(k for k in wanted if prefix + k not in saved)
+    if missing:
+        raise ValueError(
+            f"checkpoint {step_dir} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}; "
+            "was it saved from a different architecture?"
+        )
+    # Global shapes (DTensor.shape is the unsharded one), so this holds under any parallel layout.
+    mismatched = [
+        f"{k} saved {list(saved[prefix + k].size)} vs model {list(t.shape)}"
+        for k, t in wanted.items()
+        if isinstance(t, torch.Tensor) and tuple(saved[prefix + k].size) != tuple(t.shape)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"checkpoint {step_dir} does not fit this model ({len(mismatched)} shape mismatches, e.g. "
+            f"{'; '.join(mismatched[:3])}); was it saved from a different architecture?"
+        )
+
+
+def load_model_weights(
+    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] = print
+) -> Path:
+    """Collective. Model weights only (for `init_from`) from a stage dir, a DCP checkpoint or a HF dir.
+
+    Returns the directory actually read. The optimizer, schedule and counters are not touched.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / ".metadata").exists():
+        _load_hf_weights(model, path)
+        log(f"init_from: loaded Hugging Face weights from {path}")
+        return path
+    try:
+        source = resolve_checkpoint(path, log=log)
+    except ValueError as err:
+        raise ValueError(
+            f"init_from={path}: not a Hugging Face dir (config.json + safetensors), a keye_train stage dir "
+            f"or a DCP checkpoint ({err})"
+        ) from err
+    items = {MODEL_KEY: ModelStateful(model)}
+    check_model_keys(items[MODEL_KEY], read_dcp_metadata(source).state_dict_metadata, source)
+    with quiet_dcp():
+        dcp.load(items, checkpoint_id=str(source))
+    log(f"init_from: loaded model weights from {source}")
+    return source
+
+
+def _load_hf_weights(model: nn.Module | Sequence[nn.Module], path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from keye_train.checkpoint.hf import load_into_model
+    from keye_train.checkpoint.safetensors_io import checkpoint_files, iter_shard
+
+    for chunk in as_list(model):
+        if not any(isinstance(p, DTensor) for p in chunk.parameters()):
+            load_into_model(chunk, path, strict=len(as_list(model)) == 1)
+            continue
+        # Sharded (FSDP/TP) chunk: full tensors shard by shard; DSD slices each rank's part out of them.
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        wanted = set(chunk.state_dict())
+        for file in checkpoint_files(path):
+            shard = {k: t for k, t in iter_shard(file) if k in wanted}
+            set_model_state_dict(chunk, shard, options=options)

@@ -1,0 +1,76 @@
+"""`keye-train recipe=NAME [overrides...]`: run one curriculum stage, single process or under torchrun."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
+from keye_train.distributed.parallel_dims import ParallelDims, init_distributed
+from keye_train.train.build import resolve_device
+
+USAGE = """usage: keye-train recipe=NAME [key=value ...]
+
+Runs one stage of the curriculum. Any key of the recipe can be overridden, e.g.
+  keye-train recipe=stage2_multitask run_dir=runs/s2 steps=100 parallel.tp=2 stage.init_from=runs/s1
+Under torchrun every rank runs the same command (launch/torchrun.sh, launch/slurm.sbatch).
+Recipes: {recipes}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(recipes=", ".join(available_recipes())))
+        return 0
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    try:
+        recipe, overrides = split_recipe_arg(argv)
+        resolved, cfg = compose_config(recipe, overrides)
+    except ValueError as exc:
+        print(f"keye-train: error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(cfg.parallel.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        init_distributed(device_type=device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    p = cfg.parallel
+    dims = ParallelDims(
+        world_size=world_size,
+        pp=p.pp,
+        dp_replicate=p.dp_replicate,
+        dp_shard=p.dp_shard,
+        cp=p.cp,
+        tp=p.tp,
+        device_type=device.type,
+    )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(cfg.seed)
+    from omegaconf import OmegaConf
+
+    resolved_yaml = OmegaConf.to_yaml(resolved, resolve=True)
+    if rank == 0:
+        save_resolved(resolved, os.path.join(cfg.run_dir, "config.yaml"))
+        print(f"keye-train: {recipe} on {dims.describe()}, run_dir={cfg.run_dir}", flush=True)
+    if cfg.stage.loss == "siglip":
+        from keye_train.train.siglip_stage import SiglipTrainer as TrainerClass
+    else:
+        from keye_train.train.trainer import Trainer as TrainerClass
+    trainer = TrainerClass(cfg, dims=dims, device=device, resolved_yaml=resolved_yaml)
+    try:
+        trainer.setup()
+        trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

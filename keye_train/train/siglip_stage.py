@@ -1,0 +1,87 @@
+"""Stage 0: ViT and SigLIP text tower trained with the sigmoid contrastive loss on image-caption pairs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from keye_train.checkpoint.dcp import combine_modules
+from keye_train.data.manifest import load_manifest
+from keye_train.data.pairs import PairBatch, PairStream
+from keye_train.models.siglip_text import sigmoid_contrastive_loss
+from keye_train.train.build import build_weights
+from keye_train.train.stages import apply_stage
+from keye_train.train.trainer import Trainer
+
+
+class SiglipTrainer(Trainer):
+    """Data parallel over every rank (the ViT is data-parallel only); towers replicated, gradients averaged
+    in one flat all-reduce per step. Each rank's sigmoid loss uses its own batch's pairs as negatives
+    (SigLIP's chunked exchange of negatives across devices is not implemented)."""
+
+    def build_model(self) -> dict[str, torch.nn.Module]:
+        self.model, self.tower = build_weights(self.cfg, self.keye_cfg, device=self.device)
+        trained = apply_stage(self.model, self.tower, self.cfg.stage)
+        # One checkpointed model: the Keye weights (frozen LLM included, for the next stage) and the tower
+        # under its Hugging Face names, which export writes to siglip_text/.
+        self.checkpointed_model = combine_modules(self.model, self.tower)
+        return trained
+
+    def build_stream(self) -> PairStream:
+        return PairStream(
+            load_manifest(self.cfg.data.manifest),
+            tokenizer=self.tokenizer,
+            image_cfg=self.cfg.data.image,
+            max_patches=self.cfg.stage.max_seq_len,
+            text_len=self.keye_cfg.text_tower.max_positions,
+        )
+
+    def train_step(self) -> None:
+        started = time.perf_counter()
+        world = self.dims.world_size
+        batches = [self.stream.next_batch() for _ in range(world)]
+        mine = batches[self.rank]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._pair_loss(mine)
+        (loss / world).backward()  # the mean over ranks of each rank's mean loss
+        if world > 1:
+            from keye_train.distributed.vision import reduce_visual_grads
+
+            reduce_visual_grads([self.model.visual, self.tower])
+        mean_loss = torch.tensor(loss.item())
+        if world > 1:
+            dist.all_reduce(mean_loss)
+        mean_loss = mean_loss.item() / world
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self._update(mean_loss)
+        keys = [key for b in batches for key in b.keys]
+        step_time = time.perf_counter() - started
+        self.metrics.log_step(
+            self.step,
+            loss=mean_loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=sum(b.pixel_values.shape[0] for b in batches),  # ViT patches
+            samples=len(keys),
+            step_time_s=step_time,
+            sample_keys=keys,
+            skipped_samples=sum(self.stream.counter.skipped.values()),
+            rank_step_times_s=self._gather(step_time),
+            rank_tokens=self._gather(float(mine.pixel_values.shape[0])),
+        )
+        self.step += 1
+
+    def _pair_loss(self, batch: PairBatch) -> torch.Tensor:
+        vision = self.model.visual.vision_model
+        grid = batch.grid_thw.to(self.device)
+        features = vision(batch.pixel_values.to(self.device), grid)
+        image_embeds = vision.pool(features, grid)
+        text_embeds = self.tower(batch.text_ids.to(self.device))
+        return sigmoid_contrastive_loss(
+            image_embeds, text_embeds, logit_scale=self.tower.logit_scale, logit_bias=self.tower.logit_bias
+        )
+
+    def maybe_evaluate(self) -> None:
+        """Held-out evaluation is defined for the language-model stages only."""

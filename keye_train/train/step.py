@@ -1,0 +1,96 @@
+"""Forward and backward of one packed microbatch under the run's layout (DP/FSDP, TP, CP; PP separately)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from keye_train.data.layout import PackedBatch
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.train.loss import token_cross_entropy
+
+
+def batch_tensors(batch: PackedBatch, device: torch.device) -> dict[str, Tensor]:
+    return {
+        "input_ids": batch.input_ids.to(device),
+        "labels": batch.labels.to(device),
+        "position_ids": batch.position_ids.to(device),
+        "cu_seqlens": batch.cu_seqlens.to(device),
+        "pixel_values": batch.pixel_values.to(device),
+        "grid_thw": batch.grid_thw.to(device),
+    }
+
+
+def local_target_count(batch: PackedBatch, dims: ParallelDims) -> int:
+    """Target tokens this rank's loss covers: its CP slice of the batch (all of it without CP)."""
+    if dims.cp == 1:
+        return batch.num_target_tokens
+    chunk = batch.labels.shape[1] // dims.cp
+    rank = dims.rank_coordinates["cp"]
+    return int((batch.labels[:, rank * chunk : (rank + 1) * chunk] != -100).sum())
+
+
+@dataclass
+class LanguageModelStep:
+    """Next-token loss of one microbatch, backward included, for layouts without pipeline stages.
+
+    The loss is this rank's summed cross entropy divided by the global number of target tokens of the
+    whole step, and FSDP sums (never averages) gradients, so any split of tokens over microbatches,
+    DP and CP ranks gives the single-process gradient.
+    """
+
+    model: nn.Module
+    dims: ParallelDims
+    loss_parallel: bool
+    device: torch.device
+
+    def __call__(
+        self, batch: PackedBatch, *, global_count: Tensor, backward: bool = True
+    ) -> tuple[float, int]:
+        inputs = batch_tensors(batch, self.device)
+        route_context = contextlib.nullcontext()
+        if self.dims.cp > 1:
+            from keye_train.distributed.context_parallel import (
+                route_visual_to_slice,
+                split_for_context_parallel,
+            )
+
+            inputs = split_for_context_parallel(
+                inputs,
+                cp_rank=self.dims.rank_coordinates["cp"],
+                cp_size=self.dims.cp,
+                visual_token_ids=self.model.visual_token_ids,
+            )
+            route_context = route_visual_to_slice(self.model, inputs.pop("visual_index"))
+        with self._loss_context(), route_context as route:
+            logits = self.model(
+                inputs["input_ids"],
+                position_ids=inputs["position_ids"],
+                cu_seqlens=inputs["cu_seqlens"],
+                pixel_values=inputs["pixel_values"],
+                grid_thw=inputs["grid_thw"],
+            )
+            loss_sum, count = self._cross_entropy(logits, inputs["labels"])
+            loss = loss_sum / global_count
+            if route is not None:
+                loss = loss + route.zero_anchor()
+            if backward:
+                loss.backward()
+        return float(loss_sum.detach()), int(count)
+
+    def _loss_context(self):
+        if self.dims.tp > 1 and self.loss_parallel:
+            from keye_train.distributed.tensor_parallel import loss_parallel_context
+
+            return loss_parallel_context(True)
+        return contextlib.nullcontext()
+
+    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.dims.tp > 1 and self.loss_parallel:
+            from keye_train.distributed.tensor_parallel import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(logits, labels)
+        return token_cross_entropy(logits, labels)

@@ -1,0 +1,249 @@
+"""The training loop: set-up, one step = microbatches -> optimizer update, evaluation, checkpoints, stop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from keye_train.checkpoint.manager import CheckpointManager, TrainState
+from keye_train.config.schema import TrainConfig
+from keye_train.data.layout import PackedBatch
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.train.build import build_stream, build_tokenizer, build_weights, keye_config
+from keye_train.train.metrics import MetricsLogger
+from keye_train.train.optim import build_optimizer, clip_grad_norm, grads_are_finite
+from keye_train.train.schedule import build_scheduler
+from keye_train.train.stages import apply_stage, module_groups
+from keye_train.train.step import LanguageModelStep
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: TrainConfig, *, dims: ParallelDims, device: torch.device, resolved_yaml: str
+    ) -> None:
+        self.cfg = cfg
+        self.dims = dims
+        self.device = device
+        self.resolved_yaml = resolved_yaml
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.stop_requested = False
+        self.step = 0
+        self.nonfinite_steps = 0
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = build_tokenizer(cfg)
+        self.keye_cfg = keye_config(cfg, self.tokenizer)
+        trained = self.build_model()
+        self.optimizer = build_optimizer(trained, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        self.params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+        self.stream = self.build_stream()
+        self.metrics = MetricsLogger(
+            cfg.logging,
+            run_dir=cfg.run_dir,
+            rank=self.rank,
+            total_steps=cfg.steps,
+            run_config={"recipe": self.resolved_yaml},
+        )
+        self.checkpoints = CheckpointManager(cfg.checkpoint, log=self._log)
+        self.state = TrainState(
+            model=self.checkpointed_model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dataloader=self.stream,
+            counters={},
+            config_yaml=self.resolved_yaml,
+            keye_cfg=self.keye_cfg,
+        )
+        if cfg.resume and self.checkpoints.resume(self.state) is not None:
+            self._restore_counters()
+            self._log(f"resumed at step {self.step} (data epoch {self.stream.state.epoch})")
+
+    def build_model(self) -> dict[str, torch.nn.Module]:
+        """The model on this rank, frozen per stage and parallelised; returns the trained module groups."""
+        cfg = self.cfg
+        lm = self.keye_cfg.language
+        self.dims.validate_for_model(
+            num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads
+        )
+        if self.dims.pp > 1:
+            raise NotImplementedError(
+                "pipeline parallelism is available in keye_train.distributed.pipeline but not yet driven by "
+                "the trainer; use parallel.pp=1 (DP/TP/CP layouts)"
+            )
+        self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
+        apply_stage(
+            self.model, None, cfg.stage
+        )  # freeze before sharding: FSDP units are all-trainable or frozen
+        self.keye_cfg = self.model.cfg  # a RoPE reset is recorded in the model's config
+        if self.dims.world_size > 1:
+            from keye_train.distributed.parallelize import parallelize
+
+            parallelize(self.model, dims=self.dims, cfg=cfg.parallelize)
+        self.checkpointed_model = self.model
+        self.lm_step = LanguageModelStep(
+            model=self.model, dims=self.dims, loss_parallel=cfg.parallelize.loss_parallel, device=self.device
+        )
+        return {k: v for k, v in module_groups(self.model, None).items() if k in cfg.stage.train}
+
+    def build_stream(self):
+        return build_stream(self.cfg, self.tokenizer)
+
+    def _restore_counters(self) -> None:
+        counters = self.state.counters
+        self.step = int(counters["step"])
+        self.nonfinite_steps = int(counters["nonfinite_steps"])
+        self.metrics.load_state_dict(counters["metrics"])
+
+    def _sync_counters(self) -> None:
+        self.state.counters.update(
+            step=self.step, nonfinite_steps=self.nonfinite_steps, metrics=self.metrics.state_dict()
+        )
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
+        try:
+            while self.step < self.cfg.steps:
+                self.train_step()
+                if self._stop_agreed():
+                    self._log(f"stop signal received: checkpointing step {self.step} and exiting")
+                    self.save_checkpoint()
+                    return
+                if self.checkpoints.should_save(self.step):
+                    self.save_checkpoint()
+                self.maybe_evaluate()
+            if not self.checkpoints.should_save(self.step):  # the last step's checkpoint, once
+                self.save_checkpoint()
+            self.checkpoints.save_final(self.state)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.checkpoints.close()
+            self.metrics.close()
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True  # acted on at the end of the step, after every rank agrees
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save_checkpoint(self) -> None:
+        self._sync_counters()
+        self.checkpoints.save(self.step, self.state)
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def next_microbatches(self) -> tuple[list[PackedBatch], list[PackedBatch]]:
+        """(global batch, this DP rank's share). Every rank reads the same deterministic stream."""
+        per_rank = self.cfg.data.microbatches
+        global_batch = [self.stream.next_batch() for _ in range(self.dims.dp * per_rank)]
+        start = self.dims.dp_rank * per_rank
+        return global_batch, global_batch[start : start + per_rank]
+
+    def train_step(self) -> None:
+        started = time.perf_counter()
+        global_batch, mine = self.next_microbatches()
+        global_count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in global_batch))))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for index, batch in enumerate(mine):
+            self._prepare_microbatch(is_last=index == len(mine) - 1)
+            loss_sum += self.lm_step(batch, global_count=global_count)[0]
+        loss = self._global_loss(loss_sum) / global_count.item()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        grad_norm = self._update(loss)
+        keys = [key for b in global_batch for key in b.sample_keys]
+        step_time = time.perf_counter() - started
+        self.metrics.log_step(
+            self.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=sum(b.input_ids.numel() for b in global_batch),
+            samples=len(keys),
+            step_time_s=step_time,
+            sample_keys=keys,
+            skipped_samples=sum(self.stream.counter.skipped.values()),
+            rank_step_times_s=self._gather(step_time),
+            rank_tokens=self._gather(float(sum(b.num_target_tokens for b in mine))),
+        )
+        self.step += 1
+
+    def _gather(self, value: float) -> list[float]:
+        """One number from every rank (per-rank imbalance in the metrics)."""
+        if self.dims.world_size == 1:
+            return [value]
+        out = [torch.zeros(1) for _ in range(self.dims.world_size)]
+        dist.all_gather(out, torch.tensor([value]))
+        return [t.item() for t in out]
+
+    def _prepare_microbatch(self, *, is_last: bool) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            from keye_train.distributed.fsdp import set_microbatch
+
+            set_microbatch(self.model, is_last=is_last)
+
+    def _global_loss(self, local_sum: float) -> float:
+        """Sum of the loss sums of every rank that saw different tokens (TP peers hold the same value)."""
+        total = torch.tensor(local_sum, dtype=torch.float64)
+        if self.dims.world_size > 1:
+            dist.all_reduce(total, group=self.dims.submesh("dp_cp").get_group())
+        return total.item()
+
+    def _update(self, loss: float) -> float | None:
+        """Clip, then step unless the loss or a gradient is not finite (skipped and counted)."""
+        finite = math.isfinite(loss) and grads_are_finite(self.params)
+        if not finite:
+            self.nonfinite_steps += 1
+            self._log(
+                f"step {self.step + 1}: non-finite loss or gradient, update skipped ({self.nonfinite_steps})"
+            )
+            if self.nonfinite_steps > self.cfg.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self.nonfinite_steps} steps had a non-finite loss or gradient (max_nonfinite_steps="
+                    f"{self.cfg.max_nonfinite_steps}); lower the learning rate or inspect the data"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)  # None: measure only
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def maybe_evaluate(self) -> None:
+        data = self.cfg.data
+        if not data.eval_manifest or not data.eval_interval or self.step % data.eval_interval:
+            return
+        stream = build_stream(self.cfg, self.tokenizer, manifest=data.eval_manifest)
+        batches = [stream.next_batch() for _ in range(self.dims.dp * data.eval_batches)]
+        count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in batches))))
+        start = self.dims.dp_rank * data.eval_batches
+        with torch.no_grad():
+            mine = batches[start : start + data.eval_batches]
+            local = sum(self.lm_step(b, global_count=count, backward=False)[0] for b in mine)
+        eval_loss = self._global_loss(local) / count.item()
+        self._log(f"step {self.step}: eval loss {eval_loss:.4f} over {len(batches)} held-out sequences")
+        if self.rank == 0:
+            with open(Path(self.cfg.run_dir) / "eval.jsonl", "a") as f:
+                f.write(f'{{"step": {self.step}, "eval_loss": {eval_loss}}}\n')

@@ -1,0 +1,68 @@
+"""Shared fixtures for end-to-end runs of the CLIs: a small synthetic dataset and a runner."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keye_train.data.synth import SynthConfig, synth_dataset
+
+# CPU runs: fp32 everywhere (bf16 mixed precision is the GPU default), no progress bar, no wandb.
+COMMON = [
+    "stage.max_seq_len=512",
+    "schedule.warmup_steps=1",
+    "parallelize.mixed_precision=false",
+    "logging.progress_bar=false",
+    "logging.wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    return synth_dataset(SynthConfig(out=tmp_path_factory.mktemp("e2e_data"), samples=30, seed=1))
+
+
+def train_command(*, nproc: int, port: int, overrides: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "keye_train.cli.train", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "-m",
+        "keye_train.cli.train",
+        *overrides,
+    ]
+
+
+def run_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*, nproc: int = 1, port: int = 29700, overrides: list[str], timeout: int = 600) -> str:
+    result = subprocess.run(
+        train_command(nproc=nproc, port=port, overrides=overrides + COMMON),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=run_env(),
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"keye-train failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result.stdout
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Per-step records; a resumed run appends, and the last record of a step wins."""
+    records = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
