@@ -26,8 +26,9 @@ $(STAMP): setup.py
 
 install: $(STAMP)  ## create .venv and install keye_train with its dev extras (CPU torch)
 
-demo: $(STAMP)  ## run the tiny-model demo on this CPU
-	$(VENV)/bin/keye-demo
+demo: $(STAMP)  ## the whole curriculum (stages 0-3, merge, export) on the tiny model, 2 processes, CPU
+	rm -rf demo_out
+	$(VENV)/bin/keye-demo --out demo_out
 
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)

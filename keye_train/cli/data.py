@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-max-tokens", type=int, default=65536, help="LLM tokens per video at most")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect_video)
+
+    from keye_train.cli.data_index import add_subcommands  # index and calibrate
+
+    add_subcommands(sub)
     return parser
 
 
