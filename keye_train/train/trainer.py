@@ -77,16 +77,13 @@ class Trainer:
         self.dims.validate_for_model(
             num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads
         )
-        if self.dims.pp > 1:
-            raise NotImplementedError(
-                "pipeline parallelism is available in keye_train.distributed.pipeline but not yet driven by "
-                "the trainer; use parallel.pp=1 (DP/TP/CP layouts)"
-            )
         self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
         apply_stage(
             self.model, None, cfg.stage
         )  # freeze before sharding: FSDP units are all-trainable or frozen
         self.keye_cfg = self.model.cfg  # a RoPE reset is recorded in the model's config
+        if self.dims.pp > 1:
+            return self._build_pipeline()
         if self.dims.world_size > 1:
             from keye_train.distributed.parallelize import parallelize
 
@@ -96,6 +93,27 @@ class Trainer:
             model=self.model, dims=self.dims, loss_parallel=cfg.parallelize.loss_parallel, device=self.device
         )
         return {k: v for k, v in module_groups(self.model, None).items() if k in cfg.stage.train}
+
+    def _build_pipeline(self) -> dict[str, torch.nn.Module]:
+        from keye_train.train.pipeline_step import PipelineTrainStep
+
+        if self.cfg.data.eval_interval:
+            raise ValueError(
+                "data.eval_interval > 0 with parallel.pp > 1: held-out evaluation under PP is not wired yet"
+            )
+
+        self.pp_step = PipelineTrainStep(self.model, dims=self.dims, cfg=self.cfg, device=self.device)
+        stages = self.pp_step.stages
+        # Checkpoint names stay the full model's (stages keep global layer keys): resumable in any layout.
+        self.checkpointed_model = self.pp_step.checkpoint_view()
+        replicated = (self.model.visual, self.model.mlp_AR)
+        self.pp_replicated = [p for m in replicated for p in m.parameters() if p.requires_grad]
+        groups = {
+            "vit": self.model.visual,
+            "projector": self.model.mlp_AR,
+            "llm": torch.nn.ModuleList(stages),
+        }
+        return {k: v for k, v in groups.items() if k in self.cfg.stage.train}
 
     def build_stream(self):
         return build_stream(self.cfg, self.tokenizer)
@@ -163,11 +181,7 @@ class Trainer:
         global_batch, mine = self.next_microbatches()
         global_count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in global_batch))))
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for index, batch in enumerate(mine):
-            self._prepare_microbatch(is_last=index == len(mine) - 1)
-            loss_sum += self.lm_step(batch, global_count=global_count)[0]
-        loss = self._global_loss(loss_sum) / global_count.item()
+        loss = self._forward_backward(global_batch, mine, global_count=global_count)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         grad_norm = self._update(loss)
         keys = [key for b in global_batch for key in b.sample_keys]
@@ -194,6 +208,20 @@ class Trainer:
         out = [torch.zeros(1) for _ in range(self.dims.world_size)]
         dist.all_gather(out, torch.tensor([value]))
         return [t.item() for t in out]
+
+    def _forward_backward(
+        self, global_batch: list[PackedBatch], mine: list[PackedBatch], *, global_count: torch.Tensor
+    ) -> float:
+        """Gradients of the step's globally normalised loss; returns the loss (the same on every rank)."""
+        if self.dims.pp > 1:
+            per_rank = self.cfg.data.microbatches
+            replicas = [global_batch[d * per_rank : (d + 1) * per_rank] for d in range(self.dims.dp)]
+            return self.pp_step(replicas, global_count=global_count)
+        loss_sum = 0.0
+        for index, batch in enumerate(mine):
+            self._prepare_microbatch(is_last=index == len(mine) - 1)
+            loss_sum += self.lm_step(batch, global_count=global_count)[0]
+        return self._global_loss(loss_sum) / global_count.item()
 
     def _prepare_microbatch(self, *, is_last: bool) -> None:
         from torch.distributed.fsdp import FSDPModule
@@ -225,7 +253,12 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)  # None: measure only
+        params, pipeline = self.params, {}
+        if self.dims.pp > 1:  # stage norms add up over pp; the replicated ViT and projector count once
+            shared = {id(p) for p in self.pp_replicated}
+            params = [p for p in self.params if id(p) not in shared]
+            pipeline = {"pp_group": self.dims.submesh("pp"), "pp_replicated_params": self.pp_replicated}
+        norm = clip_grad_norm(params, self.cfg.optim.grad_clip, **pipeline)  # None: measure only
         self.optimizer.step()
         self.scheduler.step()
         return float(norm)

@@ -57,18 +57,28 @@ def test_sigterm_then_resume_is_bitwise_identical(synthetic, tmp_path):
     assert resumed[STEPS - 1]["running_hash"] == reference[STEPS - 1]["running_hash"]
 
 
-def test_resume_under_another_layout(synthetic, tmp_path):
-    """Saved at DP2 (1 microbatch per rank), resumed at TP2 (2 microbatches, same global batch)."""
-    train(nproc=2, port=29711, overrides=base(synthetic, tmp_path / "dp2", "data.microbatches=1"))
-    reference = metrics(tmp_path / "dp2")
+@pytest.fixture(scope="module")
+def dp2_reference(synthetic, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dp2") / "run"
+    train(nproc=2, port=29711, overrides=base(synthetic, run_dir, "data.microbatches=1"))
+    return metrics(run_dir)
 
+
+RESUMED_LAYOUTS = {
+    "tp2": ["parallel=tp2", "data.microbatches=2"],
+    "pp2": ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "pipeline.microbatches=2"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(RESUMED_LAYOUTS))
+def test_resume_under_another_layout(synthetic, dp2_reference, tmp_path, layout):
+    """Saved at DP2 (1 packed row per rank), resumed at TP2 or PP2 (2 rows, the same global batch)."""
     run_dir = tmp_path / "switch"
     train(nproc=2, port=29712, overrides=base(synthetic, run_dir, "steps=3", "data.microbatches=1"))
-    train(nproc=2, port=29713, overrides=base(synthetic, run_dir, "parallel=tp2", "data.microbatches=2"))
+    train(nproc=2, port=29713, overrides=base(synthetic, run_dir, *RESUMED_LAYOUTS[layout]))
     resumed = metrics(run_dir)
     assert sorted(resumed) == list(range(STEPS))
     for step in range(STEPS):
-        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
-        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-6), (
-            f"step {step}"
-        )
+        assert resumed[step]["step_hash"] == dp2_reference[step]["step_hash"], f"step {step}"
+        expected = dp2_reference[step]["loss"]
+        assert resumed[step]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), f"step {step}"

@@ -1,0 +1,122 @@
+"""One optimizer step's forward/backward under pipeline parallelism, with the heterogeneous ViT.
+
+Every rank holds the ViT and projector and encodes a cost-balanced share of the WHOLE global batch's
+images and frames; the router sends the embeddings to the pipeline-stage-0 ranks of the DP replica that
+needs them (and their gradients back). The decoder runs as pipeline stages (TP inside a stage when
+tp > 1). Gradients: stages are summed over DP replicas, the ViT and projector over the world.
+Pipeline stages are replicated over DP (gradient all-reduce); ZeRO sharding of stage modules and context
+parallelism inside a pipeline are not wired here yet and are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from keye_train.config.schema import TrainConfig
+from keye_train.data.layout import PackedBatch
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
+from keye_train.distributed.vision import (
+    VisualRouter,
+    frame_pixels,
+    reduce_visual_grads,
+    stage0_consumers,
+    visual_items,
+)
+from keye_train.train.step import batch_tensors
+
+
+class PipelineTrainStep:
+    def __init__(
+        self, model: nn.Module, *, dims: ParallelDims, cfg: TrainConfig, device: torch.device
+    ) -> None:
+        if dims.cp > 1:
+            raise ValueError(
+                f"parallel.pp={dims.pp} with parallel.cp={dims.cp}: context parallelism inside a pipeline "
+                "is not supported yet; use CP without PP (parallel.pp=1) or PP without CP"
+            )
+        if cfg.data.microbatches % cfg.pipeline.microbatches:
+            raise ValueError(
+                f"data.microbatches={cfg.data.microbatches} packed rows per DP replica must be a multiple of "
+                f"pipeline.microbatches={cfg.pipeline.microbatches}"
+            )
+        self.dims = dims
+        self.device = device
+        self.visual_modules = [model.visual, model.mlp_AR]
+        self.router = VisualRouter(model)
+        parallelize_stage = None
+        if dims.tp > 1:
+            from keye_train.distributed.tensor_parallel import apply_tensor_parallel
+
+            def parallelize_stage(stage: nn.Module) -> nn.Module:
+                return apply_tensor_parallel(
+                    stage,
+                    tp_mesh=dims.submesh("tp"),
+                    sequence_parallel=cfg.parallelize.sequence_parallel,
+                    loss_parallel=cfg.parallelize.loss_parallel,
+                )
+
+        self.pipeline = build_pipeline(
+            model,
+            dims=dims,
+            schedule=cfg.pipeline.schedule,
+            microbatches=cfg.pipeline.microbatches,
+            virtual_stages=cfg.pipeline.virtual_stages,
+            parallelize_stage=parallelize_stage,
+        )
+        self.visual_report = None
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.pipeline.stages)
+
+    def checkpoint_view(self) -> nn.Module:
+        """One module presenting this rank's stages, ViT and projector under the full model's names
+        (`model.layers.7...`, `visual...`), sharing their parameters: one optimizer, layout-free keys."""
+        view = nn.Module()
+        view.model = nn.Module()
+        view.model.layers = nn.ModuleDict()
+        for stage in self.stages:
+            view.model.layers.update(stage.model.layers)
+            for name in ("embed_tokens", "norm"):
+                if getattr(stage.model, name) is not None:
+                    setattr(view.model, name, getattr(stage.model, name))
+            if stage.lm_head is not None:
+                view.lm_head = stage.lm_head
+        view.visual, view.mlp_AR = self.visual_modules
+        return view
+
+    def __call__(self, replicas: list[list[PackedBatch]], *, global_count: Tensor) -> float:
+        """replicas[d] holds DP replica d's packed rows; returns the step's loss, already normalised by
+        the global target count (the same value on every rank)."""
+        consumers = stage0_consumers(self.dims)
+        items, frames, stacked = [], [], []
+        for replica, rows in enumerate(replicas):
+            batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
+            stacked.append(batch)
+            items += visual_items(batch["grid_thw"], consumers=consumers[replica])
+            frames += frame_pixels(batch["pixel_values"], batch["grid_thw"])
+        visual, self.visual_report = self.router(items, pixels=frames.__getitem__)
+        loss = self.pipeline.step(
+            stacked[self.dims.dp_rank], visual_embeds=visual, num_target_tokens=global_count
+        )
+        self._reduce_gradients()
+        return self._global_loss(loss)
+
+    def _reduce_gradients(self) -> None:
+        if self.dims.dp > 1:
+            group = self.dims.submesh("dp").get_group()
+            for param in self.pipeline.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, group=group)
+        reduce_visual_grads(self.visual_modules)
+
+    def _global_loss(self, loss: Tensor | None) -> float:
+        """Last-stage ranks hold their replica's loss (TP peers the same value): sum once per replica."""
+        value = torch.zeros(1, dtype=torch.float64)
+        if loss is not None and self.dims.rank_coordinates["tp"] == 0:
+            value += float(loss)
+        dist.all_reduce(value)
+        return value.item()
