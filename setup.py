@@ -47,6 +47,7 @@ setup(
             "keye-estimate=keye_train.cli.estimate:main",
             "keye-train=keye_train.cli.train:main",
             "keye-merge=keye_train.cli.merge:main",
+            "keye-ioserver=keye_train.cli.ioserver:main",
         ]
     },
 )

@@ -68,8 +68,10 @@ def _rng_key(rank: int) -> str:
     return f"rng_rank{rank}"
 
 
-def _data_key(rank: int) -> str:
-    return f"data_rank{rank}"
+# The data-loader state is global (the same on every rank: a position in the global sample order), so it
+# is stored once under one key and every rank loads it; a resume with more ranks than were saved then
+# continues the same order instead of restarting the data on the new ranks.
+DATA_KEY = "data"
 
 
 @dataclass
@@ -157,7 +159,7 @@ class CheckpointManager:
         # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
         items[_rng_key(rank)] = pack(rng_state())
         if state.dataloader is not None:
-            items[_data_key(rank)] = pack(state.dataloader.state_dict())
+            items[DATA_KEY] = pack(state.dataloader.state_dict())
         meta = make_meta(
             step=step,
             keye_cfg=state.resolved_keye_cfg(),
@@ -245,7 +247,7 @@ class CheckpointManager:
         elif optimizers:
             self.log(f"checkpoint: {step_dir} holds no optimizer state; the optimizer starts fresh")
         wanted = {SCHEDULER_KEY: state.scheduler, COUNTERS_KEY: True, _rng_key(rank): True}
-        wanted[_data_key(rank)] = state.dataloader
+        wanted[DATA_KEY] = state.dataloader
         for key, target in wanted.items():
             if target is None:
                 continue
@@ -260,8 +262,8 @@ class CheckpointManager:
         counters = unpack(items[COUNTERS_KEY]) if COUNTERS_KEY in items else {}
         state.counters.clear()
         state.counters.update(counters)
-        if _data_key(rank) in items:
-            state.dataloader.load_state_dict(unpack(items[_data_key(rank)]))
+        if DATA_KEY in items:
+            state.dataloader.load_state_dict(unpack(items[DATA_KEY]))
         if _rng_key(rank) in items:
             set_rng_state(unpack(items[_rng_key(rank)]))  # last, so nothing consumes randomness after
         self.log(f"checkpoint: resumed from {step_dir}")

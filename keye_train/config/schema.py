@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from keye_train.checkpoint.manager import CheckpointConfig
 from keye_train.data.image import ImageConfig
+from keye_train.data.ioserver import IOServerConfig
 from keye_train.data.packing import OVERLONG_POLICIES
 from keye_train.data.video import VideoConfig
 from keye_train.distributed.context_parallel import ContextParallelConfig
@@ -73,11 +74,25 @@ class ParallelConfig:
         )
 
 
+LOADERS = ("indexed", "stream")
+PLAN_METHODS = ("lpt", "kk", "random")
+
+
 @dataclass
 class DataConfig:
     manifest: str = MISSING  # dataset manifest YAML (keye-data synth writes one)
     tokenizer: str | None = None  # tokenizer dir; None: the manifest's
     microbatches: int = 1  # packed sequences per DP rank per optimizer step (gradient accumulation)
+    # indexed: plan every step from the shard indexes (`keye-data index` first) with cost balancing; each
+    #   DP replica reads only its samples, one rank per TP/CP group loads, only PP stage 0 gets pixels.
+    # stream: every rank decodes the mixture in order and keeps its share (no index needed; simple).
+    loader: str = "stream"
+    plan_method: str = "lpt"  # indexed: lpt | kk (Karmarkar-Karp) | random (equal count, the baseline)
+    fill: float = 0.95  # indexed: predicted tokens per step as a fraction of dp x microbatches x max_seq_len
+    prefetch: int = 2  # indexed: steps planned and loaded ahead in the background
+    workers: int = 0  # indexed: decoding processes per loading rank (0: decode in the loader thread)
+    cost_model: str | None = None  # indexed: coefficients from `keye-data calibrate` (JSON); None: FLOP-based
+    ioserver: IOServerConfig = field(default_factory=IOServerConfig)  # remote decoding (keye-ioserver)
     overlong: str = "skip"  # a sample longer than stage.max_seq_len: skip | truncate_text
     # Token share per source name, replacing the manifest's (e.g. stage 3's video 24 / image 50 / text 26);
     # empty keeps the manifest's shares.
@@ -90,6 +105,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.microbatches >= 1, f"data.microbatches={self.microbatches} must be >= 1")
+        _require(self.loader in LOADERS, f"data.loader={self.loader!r} must be one of {LOADERS}")
+        _require(
+            self.plan_method in PLAN_METHODS,
+            f"data.plan_method={self.plan_method!r} must be in {PLAN_METHODS}",
+        )
+        _require(0 < self.fill <= 1, f"data.fill={self.fill} must be in (0, 1]")
         _require(
             self.overlong in OVERLONG_POLICIES,
             f"data.overlong={self.overlong!r} must be in {OVERLONG_POLICIES}",

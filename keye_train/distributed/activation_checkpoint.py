@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,6 +46,7 @@ def transformer_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
 def _checkpoint_block(block: nn.Module) -> None:
     # Non-reentrant checkpointing: supports keyword arguments (rope, cu_seqlens) and inputs that do not
     # require grad (frozen towers), and composes with FSDP2's hooks, which stay on the module's __call__.
+    block._keye_inner_forward = block.forward
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     block._keye_checkpointed = True
 
@@ -72,11 +74,16 @@ def apply_compile(model: nn.Module) -> int:
     """torch.compile each block in place (`nn.Module.compile`), keeping names; returns the block count.
 
     Per block rather than whole-model: the blocks are identical so one graph is reused, and FSDP's
-    per-block hooks stay outside the compiled region.
+    per-block hooks stay outside the compiled region. A checkpointed block gets its inner forward
+    compiled inside the checkpoint: dynamo silently skips a module whose forward is a checkpoint partial.
     """
     count = 0
     for blocks in transformer_blocks(model).values():
         for block in blocks:
-            block.compile()
+            if getattr(block, "_keye_checkpointed", False):
+                inner = torch.compile(block._keye_inner_forward)
+                block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+            else:
+                block.compile()
             count += 1
     return count

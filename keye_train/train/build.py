@@ -63,6 +63,31 @@ def build_stream(
     )
 
 
+def build_indexed_loader(cfg: TrainConfig, tokenizer: LoadedTokenizer, *, dims):
+    """The topology-aware loader over the shard indexes (see data/loader.py)."""
+    from keye_train.data.cost import CostModel
+    from keye_train.data.loader import TopologyAwareLoader
+
+    data = cfg.data
+    return TopologyAwareLoader(
+        load_manifest(data.manifest),
+        dims=dims,
+        tokenizer=tokenizer,
+        max_seq_len=cfg.stage.max_seq_len,
+        microbatches=data.microbatches,
+        cost_model=CostModel.load(data.cost_model) if data.cost_model else None,
+        io=data.ioserver,
+        prefetch=data.prefetch,
+        workers=data.workers,
+        plan_method=data.plan_method,
+        fill=data.fill,
+        image_cfg=data.image,
+        video_cfg=data.video,
+        shares=data.shares or None,
+        overlong=data.overlong,
+    )
+
+
 def build_weights(
     cfg: TrainConfig, keye_cfg: KeyeConfig, *, device: torch.device
 ) -> tuple[nn.Module, SiglipTextTower | None]:

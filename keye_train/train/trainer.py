@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +16,13 @@ from keye_train.checkpoint.manager import CheckpointManager, TrainState
 from keye_train.config.schema import TrainConfig
 from keye_train.data.layout import PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.train.build import build_stream, build_tokenizer, build_weights, keye_config
+from keye_train.train.build import (
+    build_indexed_loader,
+    build_stream,
+    build_tokenizer,
+    build_weights,
+    keye_config,
+)
 from keye_train.train.metrics import MetricsLogger
 from keye_train.train.optim import build_optimizer, clip_grad_norm, grads_are_finite
 from keye_train.train.schedule import build_scheduler
@@ -24,6 +31,16 @@ from keye_train.train.step import LanguageModelStep
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class StepInput:
+    keys: list[str]  # every sample of the global batch, in a layout-independent order
+    mine: list[PackedBatch]  # this rank's packed rows
+    global_count: float  # target tokens of the whole global batch (the loss normaliser)
+    tokens: int  # tokens of the whole global batch
+    replicas: list[list[PackedBatch]] | None = None  # every DP replica's rows (stream loader; PP needs them)
+    report: dict[str, float] = field(default_factory=dict)  # the planner's balance report (indexed loader)
 
 
 class Trainer:
@@ -68,7 +85,7 @@ class Trainer:
         )
         if cfg.resume and self.checkpoints.resume(self.state) is not None:
             self._restore_counters()
-            self._log(f"resumed at step {self.step} (data epoch {self.stream.state.epoch})")
+            self._log(f"resumed at step {self.step}; data state {self.stream.state_dict()}")
 
     def build_model(self) -> dict[str, torch.nn.Module]:
         """The model on this rank, frozen per stage and parallelised; returns the trained module groups."""
@@ -116,6 +133,13 @@ class Trainer:
         return {k: v for k, v in groups.items() if k in self.cfg.stage.train}
 
     def build_stream(self):
+        if self.cfg.data.loader == "indexed":
+            if self.dims.pp > 1:
+                raise ValueError(
+                    "data.loader=indexed with parallel.pp > 1: the heterogeneous ViT needs every replica's "
+                    "pixels on every rank, which the indexed loader does not ship yet; use data.loader=stream"
+                )
+            return build_indexed_loader(self.cfg, self.tokenizer, dims=self.dims)
         return build_stream(self.cfg, self.tokenizer)
 
     def _restore_counters(self) -> None:
@@ -154,6 +178,8 @@ class Trainer:
                 signal.signal(sig, handler)
             self.checkpoints.close()
             self.metrics.close()
+            if hasattr(self.stream, "close"):
+                self.stream.close()  # the indexed loader's prefetch thread and decoding workers
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True  # acted on at the end of the step, after every rank agrees
@@ -169,35 +195,53 @@ class Trainer:
         self.checkpoints.save(self.step, self.state)
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def next_microbatches(self) -> tuple[list[PackedBatch], list[PackedBatch]]:
-        """(global batch, this DP rank's share). Every rank reads the same deterministic stream."""
+    def next_step_input(self) -> StepInput:
+        """This rank's packed rows of the step, the step's global sample keys and target-token count."""
         per_rank = self.cfg.data.microbatches
-        global_batch = [self.stream.next_batch() for _ in range(self.dims.dp * per_rank)]
-        start = self.dims.dp_rank * per_rank
-        return global_batch, global_batch[start : start + per_rank]
+        if self.cfg.data.loader == "indexed":
+            step = self.stream.next_step()
+            mine = step.microbatches
+            totals = torch.tensor(
+                [sum(b.num_target_tokens for b in mine), sum(b.input_ids.numel() for b in mine)],
+                dtype=torch.float64,
+            )
+            if self.dims.dp > 1:  # TP/CP/PP peers of a replica hold the same rows: sum over replicas only
+                dist.all_reduce(totals, group=self.dims.submesh("dp").get_group())
+            report = {f"plan_{k}": float(v) for k, v in step.report.items() if isinstance(v, (int, float))}
+            return StepInput(step.global_keys, mine, totals[0].item(), int(totals[1]), report=report)
+        # The stream loader: every rank reads the whole global batch and keeps its DP replica's rows.
+        rows = [self.stream.next_batch() for _ in range(self.dims.dp * per_rank)]
+        replicas = [rows[d * per_rank : (d + 1) * per_rank] for d in range(self.dims.dp)]
+        return StepInput(
+            keys=[key for b in rows for key in b.sample_keys],
+            mine=replicas[self.dims.dp_rank],
+            global_count=float(sum(b.num_target_tokens for b in rows)),
+            tokens=sum(b.input_ids.numel() for b in rows),
+            replicas=replicas,
+        )
 
     def train_step(self) -> None:
         started = time.perf_counter()
-        global_batch, mine = self.next_microbatches()
-        global_count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in global_batch))))
+        step = self.next_step_input()
+        global_count = torch.tensor(max(1.0, step.global_count))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(global_batch, mine, global_count=global_count)
+        loss = self._forward_backward(step, global_count=global_count)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         grad_norm = self._update(loss)
-        keys = [key for b in global_batch for key in b.sample_keys]
         step_time = time.perf_counter() - started
         self.metrics.log_step(
             self.step,
             loss=loss,
             lr=lr,
             grad_norm=grad_norm,
-            tokens=sum(b.input_ids.numel() for b in global_batch),
-            samples=len(keys),
+            tokens=step.tokens,
+            samples=len(step.keys),
             step_time_s=step_time,
-            sample_keys=keys,
+            sample_keys=step.keys,
             skipped_samples=sum(self.stream.counter.skipped.values()),
             rank_step_times_s=self._gather(step_time),
-            rank_tokens=self._gather(float(sum(b.num_target_tokens for b in mine))),
+            rank_tokens=self._gather(float(sum(b.num_target_tokens for b in step.mine))),
+            extra=step.report,
         )
         self.step += 1
 
@@ -209,17 +253,13 @@ class Trainer:
         dist.all_gather(out, torch.tensor([value]))
         return [t.item() for t in out]
 
-    def _forward_backward(
-        self, global_batch: list[PackedBatch], mine: list[PackedBatch], *, global_count: torch.Tensor
-    ) -> float:
+    def _forward_backward(self, step: StepInput, *, global_count: torch.Tensor) -> float:
         """Gradients of the step's globally normalised loss; returns the loss (the same on every rank)."""
         if self.dims.pp > 1:
-            per_rank = self.cfg.data.microbatches
-            replicas = [global_batch[d * per_rank : (d + 1) * per_rank] for d in range(self.dims.dp)]
-            return self.pp_step(replicas, global_count=global_count)
+            return self.pp_step(step.replicas, global_count=global_count)
         loss_sum = 0.0
-        for index, batch in enumerate(mine):
-            self._prepare_microbatch(is_last=index == len(mine) - 1)
+        for index, batch in enumerate(step.mine):
+            self._prepare_microbatch(is_last=index == len(step.mine) - 1)
             loss_sum += self.lm_step(batch, global_count=global_count)[0]
         return self._global_loss(loss_sum) / global_count.item()
 

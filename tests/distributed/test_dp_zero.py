@@ -158,6 +158,7 @@ DP2_CASES = {
     ),
     "zero3+full_ac": ParallelizeConfig(zero_stage=3, mixed_precision=False, activation_checkpointing="full"),
     "zero3_bf16": ParallelizeConfig(zero_stage=3, mixed_precision=True),
+    "zero3_cpu_offload": ParallelizeConfig(zero_stage=3, mixed_precision=False, cpu_offload=True),
 }
 
 
@@ -195,7 +196,7 @@ def ref() -> dict:
 
 def test_dp2_zero_stages_match_single_process_accumulation(ref):
     results = run_ranks(_dp2, world_size=2)
-    for name in ("zero1", "zero2+selective_ac", "zero3+full_ac"):
+    for name in ("zero1", "zero2+selective_ac", "zero3+full_ac", "zero3_cpu_offload"):
         for rank_result in results:
             assert_matches(rank_result[name], ref)
     # bf16 compute with fp32 reduction: same training, bf16-level agreement only.

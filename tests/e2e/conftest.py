@@ -22,7 +22,16 @@ COMMON = [
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    return synth_dataset(SynthConfig(out=tmp_path_factory.mktemp("e2e_data"), samples=30, seed=1))
+    """Synthetic shards with their indexes (the indexed loader plans from them)."""
+    summary = synth_dataset(SynthConfig(out=tmp_path_factory.mktemp("e2e_data"), samples=30, seed=1))
+    shards = sorted(str(p) for p in Path(summary["out"]).glob("*.tar"))
+    subprocess.run(
+        [sys.executable, "-m", "keye_train.cli.data", "index", *shards, "--tokenizer", summary["tokenizer"]],
+        check=True,
+        capture_output=True,
+        env=run_env(),
+    )
+    return summary
 
 
 def train_command(*, nproc: int, port: int, overrides: list[str]) -> list[str]:

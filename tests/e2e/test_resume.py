@@ -82,3 +82,19 @@ def test_resume_under_another_layout(synthetic, dp2_reference, tmp_path, layout)
         assert resumed[step]["step_hash"] == dp2_reference[step]["step_hash"], f"step {step}"
         expected = dp2_reference[step]["loss"]
         assert resumed[step]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
+    """The topology-aware loader: planned steps continue exactly after a resume (same keys, same losses)."""
+    indexed = ["data.loader=indexed", "data.microbatches=1"]
+    train(nproc=2, port=29721, overrides=base(synthetic, tmp_path / "full", *indexed))
+    reference = metrics(tmp_path / "full")
+    run_dir = tmp_path / "resumed"
+    train(nproc=2, port=29722, overrides=base(synthetic, run_dir, "steps=3", *indexed))
+    train(nproc=2, port=29723, overrides=base(synthetic, run_dir, *indexed))
+    resumed = metrics(run_dir)
+    assert sorted(resumed) == list(range(STEPS))
+    for step in range(STEPS):
+        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+        assert resumed[step]["plan_max_over_mean"] >= resumed[step]["plan_lower_bound"]

@@ -1,0 +1,153 @@
+"""Step planning over the global order: take a step's samples, balance them over DP ranks, carry the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keye_train.data.balance import METHODS, BatchPlan, PlanItem, plan_batch
+from keye_train.data.order import GlobalOrder, SampleRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedStep:
+    """One optimizer step's global batch: the samples, their assignment, and the data state after it."""
+
+    step: int
+    items: list[SampleRef]  # planner input: carried items first, then new ones, in global order
+    plan: BatchPlan
+    skipped: list[tuple[SampleRef, str]] = field(default_factory=list)  # taken but unplannable, with why
+    state_after: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def placed(self) -> list[int]:
+        """Item indices consumed this step, in global order (deferred ones wait for the next step)."""
+        deferred = set(self.plan.deferred)
+        return [i for i in range(len(self.items)) if i not in deferred]
+
+    @property
+    def global_refs(self) -> list[SampleRef]:
+        return [self.items[i] for i in self.placed]
+
+    def rank_items(self, dp_rank: int) -> list[list[SampleRef]]:
+        """This DP replica's microbatches as planned, each a list of refs in planned order."""
+        return [[self.items[i] for i in mb] for mb in self.plan.ranks[dp_rank].microbatches]
+
+    def report(self) -> dict[str, Any]:
+        items = [PlanItem(index=i, cost=r.cost, tokens=r.tokens) for i, r in enumerate(self.items)]
+        report = dict(self.plan.report(items))  # lower_bound over the placed items
+        costs = self.plan.costs
+        mean = sum(costs) / len(costs)
+        report.update(
+            step=self.step,
+            planned_max=max(costs),
+            planned_mean=mean,
+            planned_costs=list(costs),
+            planned_tokens=[sum(r.microbatch_tokens) for r in self.plan.ranks],
+            samples=len(self.placed),
+            skipped=len(self.skipped),
+            skipped_keys=[ref.key for ref, _ in self.skipped],
+        )
+        return report
+
+
+class StepPlanner:
+    """Takes the next samples of the order up to a step's token capacity and plans them with plan_batch.
+
+    Capacity is dp x microbatches x max_seq_len x fill (fill < 1 leaves the bin packer slack so few
+    samples are deferred). Deferred samples lead the next step; they are part of the state, together
+    with the order's position, so a resume (under any DP size) consumes exactly the samples an
+    uninterrupted run would, in the same global order.
+    """
+
+    def __init__(
+        self,
+        order: GlobalOrder,
+        *,
+        dp: int,
+        microbatches: int,
+        max_seq_len: int,
+        fill: float = 0.95,
+        method: str = "lpt",
+    ) -> None:
+        if dp < 1:
+            raise ValueError(f"dp={dp} must be >= 1")
+        if microbatches < 1:
+            raise ValueError(f"data.microbatches={microbatches} must be >= 1")
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len={max_seq_len} must be >= 2")
+        if not 0.0 < fill <= 1.0:
+            raise ValueError(f"loader.fill={fill} must be in (0, 1]")
+        if method not in METHODS:
+            raise ValueError(f"loader.plan_method={method!r} must be one of {METHODS}")
+        self.order = order
+        self.dp, self.microbatches, self.max_seq_len = dp, microbatches, max_seq_len
+        self.fill, self.method = fill, method
+        self.step = 0
+        self.deferred: list[SampleRef] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.dp * self.microbatches * self.max_seq_len
+
+    def _unplannable(self, ref: SampleRef) -> str | None:
+        if ref.error:
+            return f"index: {ref.error}"
+        if ref.tokens > self.max_seq_len:
+            return f"overlong (predicted): {ref.tokens} tokens > max_seq_len {self.max_seq_len}"
+        return None
+
+    def next_step(self) -> PlannedStep:
+        items = list(self.deferred)
+        skipped: list[tuple[SampleRef, str]] = []
+        total, target = sum(r.tokens for r in items), self.fill * self.capacity
+        while total < target:
+            ref = next(self.order)
+            reason = self._unplannable(ref)
+            if reason is not None:
+                skipped.append((ref, reason))
+                continue
+            items.append(ref)
+            total += ref.tokens
+        plan = plan_batch(
+            [PlanItem(index=i, cost=r.cost, tokens=r.tokens) for i, r in enumerate(items)],
+            num_ranks=self.dp,
+            microbatches=self.microbatches,
+            max_seq_len=self.max_seq_len,
+            method=self.method,
+            seed=self.order.seed + self.step,
+        )
+        if len(plan.deferred) == len(items):
+            raise RuntimeError(f"step {self.step}: the planner placed none of {len(items)} samples")
+        # Deferred items keep their global order so the consumed sequence stays a function of the order.
+        self.deferred = [items[i] for i in sorted(plan.deferred)]
+        planned = PlannedStep(step=self.step, items=items, plan=plan, skipped=skipped)
+        self.step += 1
+        planned.state_after = self.state_dict()
+        return planned
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "order": self.order.state_dict(),
+            "deferred": [[*ref.as_state(), ref.epoch] for ref in self.deferred],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.order.load_state_dict(state.get("order", {}))
+        self.step = int(state.get("step", 0))
+        deferred = []
+        for saved in state.get("deferred", []):
+            ref = self.order.ref(list(saved[:4]), epoch=int(saved[4]))
+            reason = self._unplannable(ref)
+            if reason is not None:  # e.g. a new stage with a shorter max_seq_len
+                log.warning(
+                    "data: carried sample %s cannot be planned any more: %s; skipped", ref.key, reason
+                )
+                continue
+            deferred.append(ref)
+        self.deferred = deferred
