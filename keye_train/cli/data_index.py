@@ -288,18 +288,3 @@ def add_subcommands(subparsers: Any) -> None:
     c.add_argument("--measurements", help="fit these saved measurements (JSON list) instead of timing")
     c.set_defaults(func=cmd_calibrate)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (the lead wires these subcommands into `keye-data`)."""
-    parser = argparse.ArgumentParser(prog="keye-data")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"keye-data {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -81,7 +81,9 @@ def apply_compile(model: nn.Module) -> int:
     for blocks in transformer_blocks(model).values():
         for block in blocks:
             if getattr(block, "_keye_checkpointed", False):
-                inner = torch.compile(block._keye_inner_forward)
+                # Static shapes: with automatic dynamic shapes the recomputation can pick another graph
+                # than the forward did and save differently shaped tensors (pytorch/pytorch#166926).
+                inner = torch.compile(block._keye_inner_forward, dynamic=False)
                 block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
             else:
                 block.compile()

@@ -53,25 +53,13 @@ class SiglipTrainer(Trainer):
         mean_loss = torch.tensor(loss.item())
         if world > 1:
             dist.all_reduce(mean_loss)
-        mean_loss = mean_loss.item() / world
-        lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self._update(mean_loss)
-        keys = [key for b in batches for key in b.keys]
-        step_time = time.perf_counter() - started
-        self.metrics.log_step(
-            self.step,
-            loss=mean_loss,
-            lr=lr,
-            grad_norm=grad_norm,
+        self._finish_step(
+            loss=mean_loss.item() / world,
             tokens=sum(b.pixel_values.shape[0] for b in batches),  # ViT patches
-            samples=len(keys),
-            step_time_s=step_time,
-            sample_keys=keys,
-            skipped_samples=sum(self.stream.counter.skipped.values()),
-            rank_step_times_s=self._gather(step_time),
-            rank_tokens=self._gather(float(mine.pixel_values.shape[0])),
+            keys=[key for b in batches for key in b.keys],
+            started=started,
+            rank_load=float(mine.pixel_values.shape[0]),
         )
-        self.step += 1
 
     def _pair_loss(self, batch: PairBatch) -> torch.Tensor:
         vision = self.model.visual.vision_model

@@ -226,6 +226,26 @@ class Trainer:
         global_count = torch.tensor(max(1.0, step.global_count))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(step, global_count=global_count)
+        self._finish_step(
+            loss=loss,
+            tokens=step.tokens,
+            keys=step.keys,
+            started=started,
+            rank_load=float(sum(b.num_target_tokens for b in step.mine)),
+            extra=step.report,
+        )
+
+    def _finish_step(
+        self,
+        *,
+        loss: float,
+        tokens: int,
+        keys: list[str],
+        started: float,
+        rank_load: float,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """The optimizer update of a step whose gradients are in place, then its metrics record."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         grad_norm = self._update(loss)
         step_time = time.perf_counter() - started
@@ -234,14 +254,14 @@ class Trainer:
             loss=loss,
             lr=lr,
             grad_norm=grad_norm,
-            tokens=step.tokens,
-            samples=len(step.keys),
+            tokens=tokens,
+            samples=len(keys),
             step_time_s=step_time,
-            sample_keys=step.keys,
+            sample_keys=keys,
             skipped_samples=sum(self.stream.counter.skipped.values()),
             rank_step_times_s=self._gather(step_time),
-            rank_tokens=self._gather(float(sum(b.num_target_tokens for b in step.mine))),
-            extra=step.report,
+            rank_tokens=self._gather(rank_load),
+            extra=extra,
         )
         self.step += 1
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from keye_train.cli import data as data_cli
 from keye_train.cli import data_index
 from keye_train.data import index as idx
 from keye_train.data.cost import CostModel, Measurement, fit_cost_model, fit_part, predict_sample_cost
@@ -79,7 +80,7 @@ def test_calibrate_cli_fits_saved_measurements(tmp_path, capsys):
     path = tmp_path / "m.json"
     path.write_text(json.dumps([m.__dict__ for m in synthetic_measurements(noise=0.0)]))
     out = tmp_path / "recipes" / "cost_test.json"
-    assert data_index.main(["calibrate", "--measurements", str(path), "--out", str(out)]) == 0
+    assert data_cli.main(["calibrate", "--measurements", str(path), "--out", str(out)]) == 0
     model = CostModel.load(out)
     assert model.llm_quadratic == pytest.approx(TRUE["llm"][1], rel=1e-6)
     report = json.loads(out.with_suffix(".fit.json").read_text())
@@ -90,7 +91,7 @@ def test_calibrate_cli_fits_saved_measurements(tmp_path, capsys):
 def test_calibrate_cli_times_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "cost_tiny.json"
     args = ["calibrate", "--model", "tiny", "--out", str(out), "--vit-sides", "2,4", "--llm-lengths", "16,32"]
-    assert data_index.main([*args, "--repeats", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    assert data_cli.main([*args, "--repeats", "1", "--warmup", "0", "--device", "cpu"]) == 0
     model = CostModel.load(out)  # a loadable, valid (non-negative) cost model; timings are not asserted
     report = json.loads(out.with_suffix(".fit.json").read_text())
     assert {(m["part"], m["size"]) for m in report["measurements"]} == {

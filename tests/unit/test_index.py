@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from keye_train.cli import data_index
+from keye_train.cli import data as data_cli
 from keye_train.data import index as idx
 from keye_train.data.image import ImageConfig
 from keye_train.data.manifest import SourceConfig, load_manifest
@@ -292,11 +292,11 @@ def test_cli_index_with_workers(synth, tmp_path, capsys):
     shards = [str(tmp_path / f"{s.kind}.tar") for s in cfg.sources]
     for source, path in zip(cfg.sources, shards):
         shutil.copy(source.shards[0], path)
-    assert data_index.main(["index", *shards, "--tokenizer", cfg.tokenizer, "--workers", "2"]) == 0
+    assert data_cli.main(["index", *shards, "--tokenizer", cfg.tokenizer, "--workers", "2"]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert summary["shards"] == 5 and summary["samples"] == 15 and summary["errors"] == 0
     assert "[5/5]" in out.err
     for path, source in zip(shards, cfg.sources):
         assert [e.kind for e in idx.load_index(path)] == [source.kind] * 3  # inferred kinds agree
-    assert data_index.main(["index", str(tmp_path / "missing.tar")]) == 2
+    assert data_cli.main(["index", str(tmp_path / "missing.tar")]) == 2
