@@ -51,12 +51,9 @@ class LanguageModelStep:
         self, batch: PackedBatch, *, global_count: Tensor, backward: bool = True
     ) -> tuple[float, int]:
         inputs = batch_tensors(batch, self.device)
-        route_context = contextlib.nullcontext()
+        visual_index = self._ensure_visual_work(inputs)
         if self.dims.cp > 1:
-            from keye_train.distributed.context_parallel import (
-                route_visual_to_slice,
-                split_for_context_parallel,
-            )
+            from keye_train.distributed.context_parallel import split_for_context_parallel
 
             inputs = split_for_context_parallel(
                 inputs,
@@ -64,7 +61,13 @@ class LanguageModelStep:
                 cp_size=self.dims.cp,
                 visual_token_ids=self.model.visual_token_ids,
             )
-            route_context = route_visual_to_slice(self.model, inputs.pop("visual_index"))
+            sliced = inputs.pop("visual_index")
+            visual_index = sliced if visual_index is None else visual_index
+        route_context = contextlib.nullcontext()
+        if visual_index is not None:
+            from keye_train.distributed.context_parallel import route_visual_to_slice
+
+            route_context = route_visual_to_slice(self.model, visual_index)
         with self._loss_context(), route_context as route:
             logits = self.model(
                 inputs["input_ids"],
@@ -80,6 +83,21 @@ class LanguageModelStep:
             if backward:
                 loss.backward()
         return float(loss_sum.detach()), int(count)
+
+    def _ensure_visual_work(self, inputs: dict[str, Tensor]) -> Tensor | None:
+        """Give a text-only row a blank 2x2-patch image when other ranks may run the ViT.
+
+        FSDP's ViT and projector units all-gather and reduce-scatter in every rank's forward and backward;
+        a rank whose row has no image or video would skip them and deadlock the others. The blank image is
+        encoded inside the root forward like any other, cut away before the splice (the returned empty
+        index keeps no row) and tied to the loss with weight zero: same collectives, unchanged math.
+        """
+        if inputs["pixel_values"].shape[0] > 0 or self.dims.world_size == 1:
+            return None
+        patch = self.model.visual.vision_model.cfg.patch_size
+        inputs["pixel_values"] = torch.zeros(4, 3, patch, patch, device=self.device)
+        inputs["grid_thw"] = torch.tensor([[1, 2, 2]], device=self.device)
+        return torch.empty(0, dtype=torch.long, device=self.device)
 
     def _loss_context(self):
         if self.dims.tp > 1 and self.loss_parallel:
