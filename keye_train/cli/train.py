@@ -63,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from keye_train.train.trainer import Trainer as TrainerClass
     trainer = TrainerClass(cfg, dims=dims, device=device, resolved_yaml=resolved_yaml)
-    try:
-        trainer.setup()
-        trainer.run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer.setup()
+    trainer.run()
+    if dist.is_initialized():
+        # Every rank finishes its last collective before any tears the group down: a rank that destroys
+        # gloo's group while a peer still talks to it can abort the peer at exit.
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
