@@ -287,4 +287,3 @@ def add_subcommands(subparsers: Any) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--measurements", help="fit these saved measurements (JSON list) instead of timing")
     c.set_defaults(func=cmd_calibrate)
-

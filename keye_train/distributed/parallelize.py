@@ -43,7 +43,9 @@ class ParallelizeConfig:
         ActivationCheckpointConfig(mode=self.activation_checkpointing, every=self.ac_every)
 
 
-def parallelize(model: nn.Module, *, dims: ParallelDims, cfg: ParallelizeConfig) -> nn.Module:
+def parallelize(
+    model: nn.Module, *, dims: ParallelDims, cfg: ParallelizeConfig, cp_impl: str = "ulysses"
+) -> nn.Module:
     """Parallelise a whole model or a pipeline stage module in place; returns it.
 
     Order matters: TP turns LLM weights into DTensors on the tp mesh that FSDP then shards over dp
@@ -64,7 +66,7 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, cfg: ParallelizeConfig)
     if dims.cp > 1:
         from keye_train.distributed.context_parallel import apply_context_parallel
 
-        apply_context_parallel(model, cp_mesh=dims.submesh("cp"))
+        apply_context_parallel(model, cp_mesh=dims.submesh("cp"), cp_impl=cp_impl)
     apply_activation_checkpointing(model, mode=cfg.activation_checkpointing, every=cfg.ac_every)
     if cfg.compile:
         apply_compile(model)

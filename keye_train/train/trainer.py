@@ -104,7 +104,7 @@ class Trainer:
         if self.dims.world_size > 1:
             from keye_train.distributed.parallelize import parallelize
 
-            parallelize(self.model, dims=self.dims, cfg=cfg.parallelize)
+            parallelize(self.model, dims=self.dims, cfg=cfg.parallelize, cp_impl=cfg.context_parallel.cp_impl)
         self.checkpointed_model = self.model
         self.lm_step = LanguageModelStep(
             model=self.model, dims=self.dims, loss_parallel=cfg.parallelize.loss_parallel, device=self.device
