@@ -94,6 +94,11 @@ class Trainer:
         self.dims.validate_for_model(
             num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads
         )
+        if self.dims.cp > 1 and cfg.context_parallel.cp_impl != "ulysses":
+            raise ValueError(
+                f"context_parallel.cp_impl={cfg.context_parallel.cp_impl!r}: the trainer drives Ulysses CP "
+                "only; ring attention exists in distributed/context_parallel.py but is not wired into training"
+            )
         self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
         apply_stage(
             self.model, None, cfg.stage
