@@ -55,6 +55,30 @@ def small() -> KeyeConfig:
     )
 
 
+def packed_row(cfg: KeyeConfig, *, seed: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Toy batches (61 tokens each) concatenated into one row and padded to seq_len, so every CP slice
+    holds visual tokens (a CP rank without any would skip the ViT's backward: see distributed/fsdp.py)."""
+    parts = [toy_packed_batch(cfg, seed=1000 * seed + i) for i in range(seq_len // 61)]
+    used = sum(p["input_ids"].shape[1] for p in parts)
+    pad = seq_len - used
+    cu = [parts[0]["cu_seqlens"][:1]]
+    offset = 0
+    for p in parts:
+        cu.append(p["cu_seqlens"][1:] + offset)
+        offset += p["input_ids"].shape[1]
+    row = {
+        "input_ids": torch.cat([p["input_ids"] for p in parts] + [torch.full((1, pad), cfg.pad_token_id)], 1),
+        "labels": torch.cat([p["labels"] for p in parts] + [torch.full((1, pad), -100)], 1),
+        "position_ids": torch.cat(
+            [p["position_ids"] for p in parts] + [torch.arange(pad).expand(3, 1, -1)], 2
+        ),
+        "cu_seqlens": torch.cat(cu + ([torch.tensor([seq_len])] if pad else [])).to(torch.int32),
+        "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+        "grid_thw": torch.cat([p["grid_thw"] for p in parts]),
+    }
+    return row
+
+
 def _forward_loss(model, batch, *, count) -> torch.Tensor:
     logits = model(
         batch["input_ids"],
@@ -83,7 +107,7 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
     """A zero-argument callable running one optimizer step of `layout` on this rank (world=1: baseline)."""
     cfg = small()
     model = build_model(cfg, seed=0)
-    batches = [toy_packed_batch(cfg, seed=s, seq_len=seq) for s in range(2)]
+    batches = [packed_row(cfg, seed=s, seq_len=seq) for s in range(2)]
     if world == 1:  # the baseline: the same global work in one process
         work = batches if layout.startswith("dp2") else batches[:1]
         if layout == "pp2":
@@ -254,6 +278,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": "bench/parallel_overhead.py:small (fp32)",
         "seq_len": args.seq,
+        "load_average_at_end": os.getloadavg(),  # the machine is shared: higher load, noisier ratios
         "ratio": "layout step time / one process doing the same work (0.5 = perfect 2-way scaling)",
         "layouts": rows,
     }

@@ -97,7 +97,7 @@ class Trainer:
         if self.dims.cp > 1 and cfg.context_parallel.cp_impl != "ulysses":
             raise ValueError(
                 f"context_parallel.cp_impl={cfg.context_parallel.cp_impl!r}: the trainer drives Ulysses CP "
-                "only; ring attention exists in distributed/context_parallel.py but is not wired into training"
+                "only; ring attention exists in distributed/context_parallel.py, not yet wired into training"
             )
         self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
         apply_stage(
