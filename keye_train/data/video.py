@@ -64,8 +64,8 @@ class VideoConfig:
     resample_frame_lists: bool = False
     """False: an image-list video is taken as already sampled (every frame kept up to the cap), as vp
     `fetch_video` does for lists. True: sample it at `fps` like a decoded video."""
-    decoder: str = "pyav"
-    """Video reader: "pyav", or "decord" (the reader vp uses; optional dependency)."""
+    decoder: str = "auto"
+    """Video reader: "auto" (decord when installed, else PyAV), "pyav", or "decord" (the reader vp uses)."""
     patch_size: int = 14
     """ViT patch side in pixels (SigLIP patch14)."""
     merge_size: int = 2

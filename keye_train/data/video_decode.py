@@ -16,7 +16,7 @@ from torch import Tensor
 
 from keye_train.data.image import open_image, resize_image_bicubic, smart_resize, to_rgb
 
-DECODERS = ("pyav", "decord")
+DECODERS = ("auto", "pyav", "decord")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # (total_frames, native_fps) -> the frame indices to keep
@@ -145,8 +145,16 @@ def decode_decord(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decod
     return DecodedFrames(frames=frames, indices=indices, native_fps=native_fps, total_frames=total)
 
 
+def decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def decode_video(
-    source: str | os.PathLike | bytes, pick: IndexPicker, *, decoder: str = "pyav"
+    source: str | os.PathLike | bytes, pick: IndexPicker, *, decoder: str = "auto"
 ) -> DecodedFrames:
     """Decode a video file or its bytes, keeping the frames `pick(total_frames, native_fps)` selects."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -155,6 +163,8 @@ def decode_video(
             raise ValueError("video bytes are empty")
     elif not Path(source).is_file():
         raise ValueError(f"video file {os.fspath(source)!r} does not exist or is not a file")
+    if decoder == "auto":  # decord when installed (faster, and what keye-vl-utils reads with), else PyAV
+        decoder = "decord" if decord_available() else "pyav"
     if decoder == "pyav":
         return decode_pyav(source, pick)
     if decoder == "decord":
