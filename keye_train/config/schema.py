@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True  # continue from the latest complete checkpoint in checkpoint.dir, if any
     max_nonfinite_steps: int = 5  # skipped steps (non-finite loss or gradient) before the run stops
+    peak_tflops: float | None = None  # peak TFLOP/s of one device (H100 bf16 dense: 989); enables MFU
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     parallelize: ParallelizeConfig = field(default_factory=ParallelizeConfig)

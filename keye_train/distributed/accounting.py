@@ -20,6 +20,7 @@ activations autograd keeps in this code base's layers (tensor lists in `_layer_a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keye_train.models.configs import KeyeConfig
@@ -159,6 +160,24 @@ def flops_per_step(cfg: KeyeConfig, workload: Workload, layout: Layout) -> dict[
     }
     out["total"] = sum(out.values())
     return out
+
+
+def packed_batch_flops(
+    cfg: KeyeConfig, *, cu_seqlens: Sequence[int], grid_thw: Sequence[Sequence[int]]
+) -> float:
+    """Model FLOPs of one packed row with the convention above, from its real sample and frame sizes."""
+    n = matmul_params(cfg)
+    v, lm = cfg.vision, cfg.language
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    frames = [h * w for t, h, w in grid_thw for _ in range(t)]
+    patches = sum(frames)
+    return (
+        6.0 * n["llm_per_token"] * sum(lengths)
+        + 12.0 * lm.num_layers * lm.num_heads * lm.head_dim * sum(s * s for s in lengths)
+        + 6.0 * n["vit_per_patch"] * patches
+        + 12.0 * v.num_layers * v.hidden_size * sum(p * p for p in frames)
+        + 6.0 * n["projector_per_token"] * patches / cfg.projector.merge_size**2
+    )
 
 
 def mfu(*, flops: float, step_time_s: float, world: int, peak_flops_per_gpu: float) -> float:

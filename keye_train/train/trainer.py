@@ -238,7 +238,23 @@ class Trainer:
             started=started,
             rank_load=float(sum(b.num_target_tokens for b in step.mine)),
             extra=step.report,
+            flops=self._step_flops(step.mine),
         )
+
+    def _step_flops(self, mine: list[PackedBatch]) -> float | None:
+        """Model FLOPs of the global batch (keye-estimate's convention) when MFU is asked for."""
+        if self.cfg.peak_tflops is None:
+            return None
+        from keye_train.distributed.accounting import packed_batch_flops
+
+        local = sum(
+            packed_batch_flops(self.keye_cfg, cu_seqlens=b.cu_seqlens.tolist(), grid_thw=b.grid_thw.tolist())
+            for b in mine
+        )
+        total = torch.tensor(local, dtype=torch.float64)
+        if self.dims.dp > 1:  # peers inside a replica hold the same rows: sum over replicas only
+            dist.all_reduce(total, group=self.dims.submesh("dp").get_group())
+        return total.item()
 
     def _finish_step(
         self,
@@ -249,6 +265,7 @@ class Trainer:
         started: float,
         rank_load: float,
         extra: dict[str, float] | None = None,
+        flops: float | None = None,
     ) -> None:
         """The optimizer update of a step whose gradients are in place, then its metrics record."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -267,6 +284,8 @@ class Trainer:
             rank_step_times_s=self._gather(step_time),
             rank_tokens=self._gather(rank_load),
             extra=extra,
+            flops_per_step=flops,
+            peak_flops=None if flops is None else self.cfg.peak_tflops * 1e12 * self.dims.world_size,
         )
         self.step += 1
 

@@ -86,7 +86,7 @@ def test_resume_under_another_layout(synthetic, dp2_reference, tmp_path, layout)
 
 def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
     """The topology-aware loader: planned steps continue exactly after a resume (same keys, same losses)."""
-    indexed = ["data.loader=indexed", "data.microbatches=1"]
+    indexed = ["data.loader=indexed", "data.microbatches=1", "peak_tflops=1"]
     train(nproc=2, port=29721, overrides=base(synthetic, tmp_path / "full", *indexed))
     reference = metrics(tmp_path / "full")
     run_dir = tmp_path / "resumed"
@@ -98,3 +98,4 @@ def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path)
         assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
         assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
         assert resumed[step]["plan_max_over_mean"] >= resumed[step]["plan_lower_bound"]
+        assert resumed[step]["mfu"] > 0

@@ -87,3 +87,23 @@ def test_estimate_cli_prints_both_layouts(capsys):
     assert "12 x L x h x s" in out
     estimate_main(["--seq", "4096", "--tp", "2", "--dp", "4", "--zero", "3", "--step-time", "1.5"])
     assert "world=8" in capsys.readouterr().out
+
+
+def test_packed_batch_flops_by_hand():
+    from keye_train.distributed.accounting import packed_batch_flops
+    from keye_train.models.configs import tiny
+
+    cfg = tiny()  # vision 32 wide, 2 layers, MLP 64; LLM 64 wide, 2 layers, 4x16 heads, 2 KV heads, MLP 128
+    vit = 3 * 14 * 14 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    projector = 128 * 128 + 128 * 64
+    llm = 2 * (64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 128) + 512 * 64
+    # two samples of 10 and 30 tokens; one image of 4x6 patches and a 2-frame 2x2 video
+    expected = (
+        6 * llm * 40
+        + 12 * 2 * 64 * (10**2 + 30**2)
+        + 6 * vit * (24 + 8)
+        + 12 * 2 * 32 * (24**2 + 4**2 + 4**2)
+        + 6 * projector * (24 + 8) / 4
+    )
+    got = packed_batch_flops(cfg, cu_seqlens=[0, 10, 40], grid_thw=[[1, 4, 6], [2, 2, 2]])
+    assert got == expected
