@@ -1,5 +1,6 @@
 """Resume exactness: SIGTERM + resume reproduces an uninterrupted run, also under another layout."""
 
+import os
 import signal
 import subprocess
 import time
@@ -99,3 +100,33 @@ def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path)
         assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
         assert resumed[step]["plan_max_over_mean"] >= resumed[step]["plan_lower_bound"]
         assert resumed[step]["mfu"] > 0
+
+
+def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthetic, tmp_path):
+    """kill -9 of the whole job (no chance to checkpoint); the resume restarts from the last complete
+    checkpoint, redoes the lost steps, and every step consumes the samples of the uninterrupted run."""
+    indexed = ["data.loader=indexed", "data.microbatches=1", "checkpoint.interval_steps=2"]
+    train(nproc=2, port=29731, overrides=base(synthetic, tmp_path / "full", *indexed))
+    reference = metrics(tmp_path / "full")
+
+    run_dir = tmp_path / "killed"
+    command = train_command(nproc=2, port=29732, overrides=base(synthetic, run_dir, *indexed) + COMMON)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), start_new_session=True
+    )
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+    proc.wait(timeout=60)
+    killed_at = max(metrics(run_dir))
+    assert killed_at < STEPS - 1, "the run finished before the kill: nothing was resumed"
+
+    output = train(nproc=2, port=29733, overrides=base(synthetic, run_dir, *indexed))
+    assert "resumed at step" in output
+    resumed = metrics(run_dir)
+    assert sorted(resumed) == list(range(STEPS))
+    for step in range(STEPS):
+        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
+        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
