@@ -100,9 +100,8 @@ class Trainer:
                 "only; ring attention exists in distributed/context_parallel.py, not yet wired into training"
             )
         self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
-        apply_stage(
-            self.model, None, cfg.stage
-        )  # freeze before sharding: FSDP units are all-trainable or frozen
+        # Freeze before sharding: every FSDP unit must be all-trainable or all-frozen.
+        apply_stage(self.model, None, cfg.stage)
         self.keye_cfg = self.model.cfg  # a RoPE reset is recorded in the model's config
         if self.dims.pp > 1:
             return self._build_pipeline()
