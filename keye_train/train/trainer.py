@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import signal
 import time
@@ -29,7 +28,6 @@ from keye_train.train.schedule import build_scheduler
 from keye_train.train.stages import apply_stage, module_groups
 from keye_train.train.step import LanguageModelStep
 
-log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
