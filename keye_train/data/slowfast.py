@@ -121,9 +121,9 @@ def classify_frames(frames_nchw: Tensor, cfg: VideoConfig) -> list[bool]:
     is_fast = [False]
     key = None
     patch = cfg.similarity_patch_size
-    for i in range(frames_nchw.shape[0]):
-        # one frame at a time keeps memory at one resized frame; the resize is per-frame anyway
-        small = resize_frames(frames_nchw[i : i + 1], size)[0]
+    # One batched resize: the comparison frames are at most similarity_max_tokens (256 x 28 x 28 px) each.
+    small_frames = resize_frames(frames_nchw, size)
+    for small in small_frames:
         current = unit_patches(small, patch=patch, eps=cfg.similarity_eps)
         if key is None:
             key = current

@@ -242,22 +242,28 @@ def preprocess_video(source: VideoSource, cfg: VideoConfig) -> VideoResult:
     decoded = _decode(source, cfg)
     plan = plan_video(decoded, cfg)
     is_fast = torch.tensor([f.is_fast for f in plan.frames])
-    resized: dict[bool, Tensor] = {}
+    # Slow and fast frames are resized, normalised and patchified as two batches (one call each), then
+    # interleaved back into frame order.
+    per_kind: dict[bool, Tensor] = {}
     for fast, size in ((False, plan.slow_hw), (True, plan.fast_hw)):
         chosen = decoded.frames[is_fast == fast]
         if chosen.shape[0]:
-            resized[fast] = resize_frames(chosen, size)
+            resized = resize_frames(chosen, size)
+            n, channels, height, width = resized.shape
+            flat, grid = normalize_patchify(
+                resized.permute(1, 0, 2, 3).reshape(channels, n * height, width),
+                patch_size=cfg.patch_size,
+                mean=cfg.mean,
+                std=cfg.std,
+            )
+            # Stacking frames vertically keeps each frame's patches contiguous and in raster order.
+            per_kind[fast] = flat.view(n, (height // cfg.patch_size) * grid[1], *flat.shape[1:])
     position = {False: 0, True: 0}
     patches, grids = [], []
     for frame in plan.frames:
-        pixels = resized[frame.is_fast][position[frame.is_fast]]
+        patches.append(per_kind[frame.is_fast][position[frame.is_fast]])
         position[frame.is_fast] += 1
-        frame_patches, grid = normalize_patchify(
-            pixels, patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std
-        )
-        assert grid == frame.grid_hw, (grid, frame.grid_hw)
-        patches.append(frame_patches)
-        grids.append((1, *grid))
+        grids.append((1, *frame.grid_hw))
     return VideoResult(
         **vars(plan),
         pixel_values=torch.cat(patches),
