@@ -233,31 +233,40 @@ def plan_video(decoded: DecodedFrames, cfg: VideoConfig) -> VideoPlan:
     )
 
 
+def resize_video(source: VideoSource, cfg: VideoConfig) -> tuple[VideoPlan, dict[bool, Tensor]]:
+    """Decode, sample, type slow/fast and resize: the plan and the uint8 frames per kind
+    ({False: slow frames, True: fast frames}, each (n, 3, h, w) in frame order). This is the work
+    keye-vl-utils' `fetch_video` does; `preprocess_video` adds normalisation and patching."""
+    decoded = _decode(source, cfg)
+    plan = plan_video(decoded, cfg)
+    is_fast = torch.tensor([f.is_fast for f in plan.frames])
+    resized: dict[bool, Tensor] = {}
+    for fast, size in ((False, plan.slow_hw), (True, plan.fast_hw)):
+        chosen = decoded.frames[is_fast == fast]
+        if chosen.shape[0]:
+            resized[fast] = resize_frames(chosen, size)
+    return plan, resized
+
+
 def preprocess_video(source: VideoSource, cfg: VideoConfig) -> VideoResult:
     """Decode, sample, type and resize a video into ViT patches (slow and fast frames sized apart).
 
     `source`: a file path, the file's bytes (e.g. a webdataset member) or a FrameList. Bad input
     (missing, corrupt or truncated file, no frames, empty size) raises ValueError with the reason.
     """
-    decoded = _decode(source, cfg)
-    plan = plan_video(decoded, cfg)
-    is_fast = torch.tensor([f.is_fast for f in plan.frames])
-    # Slow and fast frames are resized, normalised and patchified as two batches (one call each), then
-    # interleaved back into frame order.
+    plan, resized = resize_video(source, cfg)
+    # Each kind is normalised and patchified in one call, then interleaved back into frame order.
     per_kind: dict[bool, Tensor] = {}
-    for fast, size in ((False, plan.slow_hw), (True, plan.fast_hw)):
-        chosen = decoded.frames[is_fast == fast]
-        if chosen.shape[0]:
-            resized = resize_frames(chosen, size)
-            n, channels, height, width = resized.shape
-            flat, grid = normalize_patchify(
-                resized.permute(1, 0, 2, 3).reshape(channels, n * height, width),
-                patch_size=cfg.patch_size,
-                mean=cfg.mean,
-                std=cfg.std,
-            )
-            # Stacking frames vertically keeps each frame's patches contiguous and in raster order.
-            per_kind[fast] = flat.view(n, (height // cfg.patch_size) * grid[1], *flat.shape[1:])
+    for fast, frames in resized.items():
+        n, channels, height, width = frames.shape
+        flat, grid = normalize_patchify(
+            frames.permute(1, 0, 2, 3).reshape(channels, n * height, width),
+            patch_size=cfg.patch_size,
+            mean=cfg.mean,
+            std=cfg.std,
+        )
+        # Stacking frames vertically keeps each frame's patches contiguous and in raster order.
+        per_kind[fast] = flat.view(n, (height // cfg.patch_size) * grid[1], *flat.shape[1:])
     position = {False: 0, True: 0}
     patches, grids = [], []
     for frame in plan.frames:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from keye_train.data import slowfast
-from keye_train.data.video import FrameList, VideoConfig, inspect_video, preprocess_video
+from keye_train.data.video import FrameList, VideoConfig, inspect_video, preprocess_video, resize_video
 
 av = pytest.importorskip("av")
 
@@ -328,3 +328,29 @@ def test_decord_backend_bad_input_is_a_value_error(tmp_path):
     pytest.importorskip("decord")
     with pytest.raises(ValueError, match="cannot decode"):
         preprocess_video(b"garbage" * 100, VideoConfig(decoder="decord"))
+
+
+def test_resize_video_is_the_uint8_stage_of_preprocess_video(tmp_path):
+    """Scenes that cut (slow frames) and hold (fast frames): the resized uint8 frames, normalised by
+    hand with the SigLIP mean/std, are exactly the patches preprocess_video returns, frame by frame."""
+    path = tmp_path / "cuts.mp4"
+    write_mp4(path, [picture(112, 168, 1)] * 8 + [picture(112, 168, 2)] * 8, fps=4)
+    cfg = VideoConfig(min_tokens_per_frame=4)
+    plan, resized = resize_video(str(path), cfg)
+    result = preprocess_video(str(path), cfg)
+    assert sorted(resized) == sorted({f.is_fast for f in plan.frames})
+    taken = {False: 0, True: 0}
+    offset = 0
+    for frame in plan.frames:
+        pixels = resized[frame.is_fast][taken[frame.is_fast]].double() / 255
+        taken[frame.is_fast] += 1
+        h, w = frame.grid_hw
+        by_hand = (
+            ((pixels.float() - 0.5) / 0.5)
+            .reshape(3, h, 14, w, 14)
+            .permute(1, 3, 0, 2, 4)
+            .reshape(-1, 3, 14, 14)
+        )
+        torch.testing.assert_close(result.pixel_values[offset : offset + h * w], by_hand, atol=0, rtol=0)
+        offset += h * w
+    assert offset == result.pixel_values.shape[0]
