@@ -1,9 +1,10 @@
-"""Cost-balanced planning of a global batch: samples to DP ranks and microbatches, visual items to ranks.
+"""Cost-balanced planning of a global batch: samples to DP ranks and packed microbatches.
 
 Greedy longest-processing-time-first (LPT) is the default: sort by cost, give each sample to the least
 loaded rank that still has a microbatch with room for its tokens. Karmarkar-Karp (largest differencing)
 is an option for few ranks, where it partitions more evenly. Hand-written because no library plans
-under both a cost objective and a per-microbatch token capacity.
+under both a cost objective and a per-microbatch token capacity. The batch's visual items are spread
+over all ranks by the ViT router (distributed/vision.py, `greedy_longest_first`).
 """
 
 from __future__ import annotations
@@ -189,14 +190,3 @@ def plan_batch(
     share = sum(it.cost for it in items) / num_ranks
     oversized = [it.index for it in items if it.cost > share]
     return BatchPlan(ranks=ranks, deferred=deferred, oversized=oversized)
-
-
-def assign_visual(costs: Sequence[float], *, num_ranks: int) -> list[int]:
-    """Owner rank of each visual item (image or frame) for the heterogeneous ViT: LPT, no capacity."""
-    load = [(0.0, r) for r in range(num_ranks)]
-    owner = [0] * len(costs)
-    for n in sorted(range(len(costs)), key=lambda n: (-costs[n], n)):
-        cost, r = heapq.heappop(load)
-        owner[n] = r
-        heapq.heappush(load, (cost + costs[n], r))
-    return owner

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from keye_train.data import chat
+from keye_train.data.image import open_image
 from keye_train.data.layout import EncodedSample
 from keye_train.data.manifest import SourceConfig
 from keye_train.data.sources import RawRecord, iter_records
@@ -78,14 +79,12 @@ class SkipCounter:
 
 
 def decode_image(data: bytes, *, member: str) -> Image.Image:
-    """Fully decode an image (truncated files fail here, not later in a worker)."""
+    """Fully decode an image to RGB (truncated files fail here, not later in a worker)."""
     try:
         # verify() catches damage load() tolerates, e.g. a PNG cut after its pixel data (no IEND chunk).
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = img.convert("RGB")
+        rgb = open_image(data).convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError ...
         raise ValueError(f"image {member!r} cannot be decoded: {type(exc).__name__}: {exc}") from None
     if rgb.width == 0 or rgb.height == 0:

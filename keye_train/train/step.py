@@ -24,15 +24,6 @@ def batch_tensors(batch: PackedBatch, device: torch.device) -> dict[str, Tensor]
     }
 
 
-def local_target_count(batch: PackedBatch, dims: ParallelDims) -> int:
-    """Target tokens this rank's loss covers: its CP slice of the batch (all of it without CP)."""
-    if dims.cp == 1:
-        return batch.num_target_tokens
-    chunk = batch.labels.shape[1] // dims.cp
-    rank = dims.rank_coordinates["cp"]
-    return int((batch.labels[:, rank * chunk : (rank + 1) * chunk] != -100).sum())
-
-
 @dataclass
 class LanguageModelStep:
     """Next-token loss of one microbatch, backward included, for layouts without pipeline stages.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -349,15 +350,24 @@ class Trainer:
         data = self.cfg.data
         if not data.eval_manifest or not data.eval_interval or self.step % data.eval_interval:
             return
-        stream = build_stream(self.cfg, self.tokenizer, manifest=data.eval_manifest)
-        batches = [stream.next_batch() for _ in range(self.dims.dp * data.eval_batches)]
-        count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in batches))))
-        start = self.dims.dp_rank * data.eval_batches
+        mine, count = self._eval_set()
         with torch.no_grad():
-            mine = batches[start : start + data.eval_batches]
             local = sum(self.lm_step(b, global_count=count, backward=False)[0] for b in mine)
         eval_loss = self._global_loss(local) / count.item()
-        self._log(f"step {self.step}: eval loss {eval_loss:.4f} over {len(batches)} held-out sequences")
+        sequences = self.dims.dp * data.eval_batches
+        self._log(f"step {self.step}: eval loss {eval_loss:.4f} over {sequences} held-out sequences")
         if self.rank == 0:
             with open(Path(self.cfg.run_dir) / "eval.jsonl", "a") as f:
-                f.write(f'{{"step": {self.step}, "eval_loss": {eval_loss}}}\n')
+                f.write(json.dumps({"step": self.step, "eval_loss": eval_loss}) + "\n")
+
+    def _eval_set(self) -> tuple[list[PackedBatch], torch.Tensor]:
+        """This replica's held-out rows and the target count of all of them: the same at every
+        evaluation, so they are read and decoded once."""
+        if not hasattr(self, "_eval_cache"):
+            data = self.cfg.data
+            stream = build_stream(self.cfg, self.tokenizer, manifest=data.eval_manifest)
+            batches = [stream.next_batch() for _ in range(self.dims.dp * data.eval_batches)]
+            count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in batches))))
+            start = self.dims.dp_rank * data.eval_batches
+            self._eval_cache = (batches[start : start + data.eval_batches], count)
+        return self._eval_cache

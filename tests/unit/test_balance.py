@@ -2,8 +2,9 @@
 
 import pytest
 
-from keye_train.data.balance import PlanItem, assign_visual, lower_bound, plan_batch
+from keye_train.data.balance import PlanItem, lower_bound, plan_batch
 from keye_train.data.workload import heavy_tailed_batch
+from keye_train.distributed.vision import greedy_longest_first
 
 SEQ = 131072
 
@@ -67,7 +68,7 @@ def test_plans_are_deterministic():
 
 def test_visual_items_spread_over_all_ranks():
     costs = [float(c) for c in [50, 40, 30, 20, 10, 10, 10, 10, 5, 5]]
-    owner = assign_visual(costs, num_ranks=4)
+    owner = greedy_longest_first(costs, 4)
     loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(4)]
     assert sorted(owner) != [0] * 10 and set(owner) == {0, 1, 2, 3}
     assert max(loads) == 50  # the lower bound: the largest item alone
