@@ -30,7 +30,7 @@ from keye_train.data.loader import TopologyAwareLoader
 from keye_train.data.manifest import load_manifest
 from keye_train.data.synth import SynthConfig, synth_dataset
 from keye_train.data.tokenizer import load_tokenizer
-from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallel_dims import ParallelDims, shutdown_distributed
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.train.loss import token_cross_entropy
@@ -113,7 +113,7 @@ def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_di
         results[name] = rows
     if rank == 0:
         Path(out_dir, "rows.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def main() -> None:

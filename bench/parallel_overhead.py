@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.fsdp import set_microbatch
-from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallel_dims import ParallelDims, shutdown_distributed
 from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
 from keye_train.models.configs import KeyeConfig, ProjectorConfig, tiny
 from keye_train.models.keye import build_model
@@ -216,7 +216,7 @@ def _worker(rank: int, world: int, port: int, layout: str, seq: int, steps: int,
         raise
     finally:
         if world > 1:
-            dist.destroy_process_group()
+            shutdown_distributed(barrier=False)
 
 
 def measure(layout: str, *, world: int, seq: int, steps: int) -> dict:

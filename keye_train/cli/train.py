@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
-from keye_train.distributed.parallel_dims import ParallelDims, init_distributed
+from keye_train.distributed.parallel_dims import ParallelDims, init_distributed, shutdown_distributed
 from keye_train.train.build import resolve_device
 
 USAGE = """usage: keye-train recipe=NAME [key=value ...]
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TrainerClass(cfg, dims=dims, device=device, resolved_yaml=resolved_yaml)
     trainer.setup()
     trainer.run()
-    if dist.is_initialized():
-        # Every rank finishes its last collective before any tears the group down: a rank that destroys
-        # gloo's group while a peer still talks to it can abort the peer at exit.
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

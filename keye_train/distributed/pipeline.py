@@ -239,13 +239,18 @@ class Pipeline:
 
         batch: input_ids, labels (B, S), position_ids (3, B, S), cu_seqlens over the B*S tokens. Every pp
         rank passes the same batch metadata; visual_embeds are this replica's visual tokens in order on
-        the rank holding stage 0 (possibly an empty routed tensor elsewhere). Gradients reach the
+        the rank holding stage 0 (possibly an empty routed tensor elsewhere). With context parallelism the
+        per-token tensors are this CP rank's `split_for_context_parallel` slice, cu_seqlens stays the full
+        rows' and visual_embeds are the slice's own (`local_visual_embeds`). Gradients reach the
         visual_embeds' graph after the schedule, on every rank that passed a tensor requiring grad, so a
         routed ViT's reverse all-to-all runs on all ranks. Returns the summed microbatch losses on the
         rank holding the last stage, None elsewhere.
         """
         input_ids = batch["input_ids"]
-        rows, seq_len = input_ids.shape
+        rows = input_ids.shape[0]
+        # Under context parallelism the rows hold this rank's S/cp slice while cu_seqlens (and so the
+        # document ids every stage rebuilds it from) describe the full rows that Ulysses attention sees.
+        seq_len = int(batch["cu_seqlens"][-1]) // rows
         if rows % self.config.microbatches:
             raise ValueError(
                 f"the batch has {rows} rows, not divisible by pipeline.microbatches="

@@ -10,7 +10,8 @@ CP and PP peers never duplicate ViT work.
 Gradient convention (the one FSDP units use here too): the loss is divided by the GLOBAL number of target
 tokens, so each rank's ViT gradient is its share of the one global gradient and the world reduction is a
 plain sum (`reduce_visual_grads`). Consumers of the same item that are TP peers receive identical full
-gradients for it (the decoder input is replicated over tp), so the copies' gradients are averaged.
+gradients for it (the decoder input is replicated over tp), so the copies' gradients are averaged; CP peers
+each splice (and return the gradient of) only the rows inside their sequence slice, so theirs are summed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -37,18 +38,21 @@ class VisualItem:
 
     grid_hw: tuple[int, int]  # patch grid
     consumers: tuple[int, ...]  # ranks (of the router's group, the world by default) that splice it
+    # How many consumers return the same full gradient (TP peers: the decoder input is replicated over
+    # tp); their sum is divided by it. CP peers each return the gradient of their own slice: summed as is.
+    grad_copies: int = 1
 
     @property
     def num_patches(self) -> int:
         return self.grid_hw[0] * self.grid_hw[1]
 
 
-def visual_items(grid_thw: Tensor, *, consumers: Sequence[int]) -> list[VisualItem]:
-    """Items of one DP replica's batch in placeholder order; a (t, h, w) video becomes t frames."""
-    items = []
-    for t, h, w in grid_thw.tolist():
-        items += [VisualItem(grid_hw=(h, w), consumers=tuple(consumers))] * t
-    return items
+def visual_items(grid_thw: Tensor, *, consumers: Sequence[int], grad_copies: int) -> list[VisualItem]:
+    """Items of one DP replica's batch in placeholder order; a (t, h, w) video becomes t frames.
+
+    grad_copies: how many of the consumers return identical gradients (the tp degree for stage-0 ranks)."""
+    item = VisualItem(grid_hw=(0, 0), consumers=tuple(consumers), grad_copies=grad_copies)
+    return [replace(item, grid_hw=(h, w)) for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
 def frame_pixels(pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
@@ -207,7 +211,7 @@ class VisualRouter:
         for dest in range(world):
             for i in by_dest[dest]:
                 send_index += range(row_start[i], row_start[i] + tokens[i])
-                send_weight += [1.0 / len(items[i].consumers)] * tokens[i]
+                send_weight += [1.0 / items[i].grad_copies] * tokens[i]
             send_splits.append(sum(tokens[i] for i in by_dest[dest]))
         # Receive buffer grouped by source rank; reorder it to item order for the splice.
         by_src: dict[int, list[int]] = defaultdict(list)

@@ -4,8 +4,9 @@ Every rank holds the ViT and projector and encodes a cost-balanced share of the 
 images and frames; the router sends the embeddings to the pipeline-stage-0 ranks of the DP replica that
 needs them (and their gradients back). The decoder runs as pipeline stages (TP inside a stage when
 tp > 1). Gradients: stages are summed over DP replicas, the ViT and projector over the world.
-Pipeline stages are replicated over DP (gradient all-reduce); ZeRO sharding of stage modules and context
-parallelism inside a pipeline are not wired here yet and are refused with a clear error.
+With context parallelism each CP rank runs the pipeline on its S/cp slice of the rows (Ulysses attention
+inside every stage). Pipeline stages are replicated over DP and CP (gradient all-reduce over dp_cp); ZeRO
+sharding of stage modules is not wired here yet.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ class PipelineTrainStep:
     def __init__(
         self, model: nn.Module, *, dims: ParallelDims, cfg: TrainConfig, device: torch.device
     ) -> None:
-        if dims.cp > 1:
-            raise ValueError(
-                f"parallel.pp={dims.pp} with parallel.cp={dims.cp}: context parallelism inside a pipeline "
-                "is not supported yet; use CP without PP (parallel.pp=1) or PP without CP"
-            )
         if cfg.data.microbatches % cfg.pipeline.microbatches:
             raise ValueError(
                 f"data.microbatches={cfg.data.microbatches} packed rows per DP replica must be a multiple of "
@@ -46,17 +42,25 @@ class PipelineTrainStep:
         self.device = device
         self.visual_modules = [model.visual, model.mlp_AR]
         self.router = VisualRouter(model)
-        parallelize_stage = None
-        if dims.tp > 1:
-            from keye_train.distributed.tensor_parallel import apply_tensor_parallel
+        self.visual_token_ids = model.visual_token_ids
 
-            def parallelize_stage(stage: nn.Module) -> nn.Module:
-                return apply_tensor_parallel(
+        def parallelize_stage(stage: nn.Module) -> nn.Module:
+            if dims.tp > 1:
+                from keye_train.distributed.tensor_parallel import apply_tensor_parallel
+
+                stage = apply_tensor_parallel(
                     stage,
                     tp_mesh=dims.submesh("tp"),
                     sequence_parallel=cfg.parallelize.sequence_parallel,
                     loss_parallel=cfg.parallelize.loss_parallel,
                 )
+            if dims.cp > 1:
+                from keye_train.distributed.context_parallel import apply_context_parallel
+
+                stage = apply_context_parallel(
+                    stage, cp_mesh=dims.submesh("cp"), cp_impl=cfg.context_parallel.cp_impl
+                )
+            return stage
 
         self.pipeline = build_pipeline(
             model,
@@ -96,18 +100,35 @@ class PipelineTrainStep:
         for replica, rows in enumerate(replicas):
             batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
             stacked.append(batch)
-            items += visual_items(batch["grid_thw"], consumers=consumers[replica])
+            items += visual_items(batch["grid_thw"], consumers=consumers[replica], grad_copies=self.dims.tp)
             frames += frame_pixels(batch["pixel_values"], batch["grid_thw"])
         visual, self.visual_report = self.router(items, pixels=frames.__getitem__)
-        loss = self.pipeline.step(
-            stacked[self.dims.dp_rank], visual_embeds=visual, num_target_tokens=global_count
-        )
+        batch = stacked[self.dims.dp_rank]
+        if self.dims.cp > 1:
+            batch, visual = self._context_slice(batch, visual)
+        loss = self.pipeline.step(batch, visual_embeds=visual, num_target_tokens=global_count)
         self._reduce_gradients()
         return self._global_loss(loss)
 
+    def _context_slice(self, batch: dict[str, Tensor], visual: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """This CP rank's slice of the replica's rows; on stage 0 also the visual rows it splices (the
+        router delivered the replica's whole visual sequence to every CP peer of stage 0)."""
+        from keye_train.distributed.context_parallel import local_visual_embeds, split_for_context_parallel
+
+        local = split_for_context_parallel(
+            batch,
+            cp_rank=self.dims.rank_coordinates["cp"],
+            cp_size=self.dims.cp,
+            visual_token_ids=self.visual_token_ids,
+        )
+        visual_index = local.pop("visual_index")
+        if self.pipeline.has_first_stage:
+            visual = local_visual_embeds(visual, visual_index)
+        return local, visual
+
     def _reduce_gradients(self) -> None:
-        if self.dims.dp > 1:
-            group = self.dims.submesh("dp").get_group()
+        if self.dims.dp * self.dims.cp > 1:  # DP replicas and CP slices saw different tokens: sum
+            group = self.dims.submesh("dp_cp").get_group()
             for param in self.pipeline.parameters():
                 if param.grad is not None:
                     dist.all_reduce(param.grad, group=group)

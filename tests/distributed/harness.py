@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.distributed.parallel_dims import shutdown_distributed
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.keye import build_model
 from keye_train.train.loss import token_cross_entropy
@@ -42,7 +43,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
             f.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        # No barrier: a rank that failed must not wait for peers that will never arrive.
+        shutdown_distributed(barrier=False)
 
 
 def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 240) -> list:

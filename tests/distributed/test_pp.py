@@ -9,6 +9,11 @@ from torch.distributed.tensor import DTensor
 
 from keye_train.data.layout import IGNORE_INDEX
 from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.distributed.context_parallel import (
+    apply_context_parallel,
+    local_visual_embeds,
+    split_for_context_parallel,
+)
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.pipeline import (
     PipelineConfig,
@@ -19,6 +24,7 @@ from keye_train.distributed.pipeline import (
     stack_packed_rows,
     stages_of_rank,
 )
+from keye_train.distributed.tensor_parallel import apply_tensor_parallel
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.train.loss import token_cross_entropy
@@ -96,16 +102,35 @@ def assert_matches_reference(results: list[dict], reference, *, what: str) -> No
         )
 
 
-def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_stages, tp=1):
-    """STEPS steps of one pipeline layout; the ViT runs locally on the rank(s) holding stage 0."""
-    dims = ParallelDims(world_size=world_size, pp=world_size // tp, tp=tp)
-    model = build_model(cfg, seed=0)
-    batch = global_batch(cfg)
-    parallelize_stage = None
-    if tp > 1:
-        from keye_train.distributed.tensor_parallel import apply_tensor_parallel
+def parallelize_stage_for(dims: ParallelDims):
+    def parallelize_stage(stage):
+        if dims.tp > 1:
+            stage = apply_tensor_parallel(stage, tp_mesh=dims.submesh("tp"))
+        if dims.cp > 1:
+            stage = apply_context_parallel(stage, cp_mesh=dims.submesh("cp"))
+        return stage
 
-        parallelize_stage = lambda m: apply_tensor_parallel(m, tp_mesh=dims.submesh("tp"))  # noqa: E731
+    return parallelize_stage
+
+
+def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_stages, tp=1, cp=1):
+    """STEPS steps of one pipeline layout; the ViT runs locally on the rank(s) holding stage 0.
+
+    With cp > 1 each CP rank feeds the pipeline its S/cp slice (and the visual rows of that slice); the
+    gradients of CP peers, ViT included, are summed over cp as the trainer does."""
+    dims = ParallelDims(world_size=world_size, pp=world_size // (tp * cp), tp=tp, cp=cp)
+    model = build_model(cfg, seed=0)
+    full_batch = global_batch(cfg)
+    batch, visual_index = full_batch, None
+    if cp > 1:
+        batch = split_for_context_parallel(
+            full_batch,
+            cp_rank=dims.rank_coordinates["cp"],
+            cp_size=cp,
+            visual_token_ids=model.visual_token_ids,
+        )
+        visual_index = batch.pop("visual_index")
+    parallelize_stage = parallelize_stage_for(dims) if tp * cp > 1 else None
     pipeline = build_pipeline(
         model,
         dims=dims,
@@ -119,14 +144,18 @@ def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_sta
         owned.update({f"visual.{n}": p for n, p in model.visual.named_parameters()})
         owned.update({f"mlp_AR.{n}": p for n, p in model.mlp_AR.named_parameters()})
     optimizer = torch.optim.AdamW(owned.values(), lr=LR)
-    num_target_tokens = int((batch["labels"] != IGNORE_INDEX).sum())  # one replica: global == local
+    num_target_tokens = int((full_batch["labels"] != IGNORE_INDEX).sum())  # whole batch, all CP slices
     losses, grads = [], {}
     for step in range(STEPS):
         visual = None
         if pipeline.has_first_stage:
             visual = model.encode_visual(batch["pixel_values"], batch["grid_thw"])
+            if visual_index is not None:
+                visual = local_visual_embeds(visual, visual_index)
         optimizer.zero_grad()
         loss = pipeline.step(batch, visual_embeds=visual, num_target_tokens=num_target_tokens)
+        if cp > 1:
+            loss = sum_over_cp(loss, owned, dims=dims)
         if step == 0:
             grads = {n: full_tensor(p.grad) for n, p in owned.items() if p.grad is not None}
         optimizer.step()
@@ -134,6 +163,19 @@ def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_sta
     stage_layers = [sorted(s.model.layers.keys(), key=int) for s in pipeline.stages]
     params = {n: full_tensor(p) for n, p in owned.items()}
     return {"losses": losses, "grads": grads, "params": params, "layers": stage_layers}
+
+
+def sum_over_cp(loss, owned: dict, *, dims: ParallelDims):
+    """CP peers saw different tokens: their gradients and losses add up to the whole batch's."""
+    group = dims.submesh("cp").get_group()
+    for param in owned.values():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=group)
+    if loss is None:
+        return None
+    loss = loss.clone()
+    torch.distributed.all_reduce(loss, group=group)
+    return loss
 
 
 PP2_LAYOUTS = {
@@ -184,6 +226,21 @@ def test_tp2_x_pp2_matches_single_process():
     # Mesh order (pp, ..., tp): ranks 0, 1 hold stage 0 (tp peers), ranks 2, 3 stage 1.
     assert [r["layers"] for r in results] == [[["0"]], [["0"]], [["1"]], [["1"]]]
     assert_matches_reference(results, reference_rows(tiny()), what="tp2 x pp2")
+
+
+def _pp2_cp2_rank(rank, world_size):
+    return train_pipeline(
+        rank, world_size, cfg=tiny(), schedule="1f1b", microbatches=2, virtual_stages=1, cp=2
+    )
+
+
+@pytest.mark.dist
+def test_pp2_x_cp2_matches_single_process():
+    """Ulysses CP inside every stage: each CP rank pipelines its half of the rows."""
+    results = run_ranks(_pp2_cp2_rank, world_size=4)
+    # Mesh order (pp, ..., cp, tp): ranks 0, 1 hold stage 0 (cp peers), ranks 2, 3 stage 1.
+    assert [r["layers"] for r in results] == [[["0"]], [["0"]], [["1"]], [["1"]]]
+    assert_matches_reference(results, reference_rows(tiny()), what="pp2 x cp2")
 
 
 def test_row_reference_is_the_harness_reference():

@@ -49,7 +49,7 @@ def train_routed(rank, world_size, *, pp, tp, assign):
     consumers = stage0_consumers(dims)
     items, frames = [], []
     for d, batch in enumerate(replicas):
-        items += visual_items(batch["grid_thw"], consumers=consumers[d])
+        items += visual_items(batch["grid_thw"], consumers=consumers[d], grad_copies=dims.tp)
         frames += frame_pixels(batch["pixel_values"], batch["grid_thw"])
     assign_fn = _cross_replica(len(items) // dims.dp) if assign == "cross_replica" else greedy_longest_first
     router = VisualRouter(model, assign_fn=assign_fn)
@@ -141,7 +141,7 @@ def test_greedy_assignment_and_report():
     assert greedy_longest_first([], 3) == []
     item = VisualItem(grid_hw=(4, 6), consumers=(0,))
     assert item.num_patches == 24
-    items = visual_items(torch.tensor([[1, 4, 6], [2, 2, 2]]), consumers=[0, 1])
+    items = visual_items(torch.tensor([[1, 4, 6], [2, 2, 2]]), consumers=[0, 1], grad_copies=2)
     assert [i.grid_hw for i in items] == [(4, 6), (2, 2), (2, 2)]
     frames = frame_pixels(torch.zeros(32, 3, 14, 14), torch.tensor([[1, 4, 6], [2, 2, 2]]))
     assert [f.shape[0] for f in frames] == [24, 4, 4]

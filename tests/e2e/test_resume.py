@@ -65,18 +65,22 @@ def dp2_reference(synthetic, tmp_path_factory):
     return metrics(run_dir)
 
 
+# layout -> (processes, overrides); each resumed layout trains the same global batch of 2 packed rows.
 RESUMED_LAYOUTS = {
-    "tp2": ["parallel=tp2", "data.microbatches=2"],
-    "pp2": ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "pipeline.microbatches=2"],
+    "tp2": (2, ["parallel=tp2", "data.microbatches=2"]),
+    "pp2": (2, ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "pipeline.microbatches=2"]),
+    # The stage-3 recipe's own layout: Ulysses CP inside each pipeline stage.
+    "pp2_cp2": (4, ["parallel=zero1_cp_pp", "data.microbatches=2", "pipeline.microbatches=2"]),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(RESUMED_LAYOUTS))
 def test_resume_under_another_layout(synthetic, dp2_reference, tmp_path, layout):
-    """Saved at DP2 (1 packed row per rank), resumed at TP2 or PP2 (2 rows, the same global batch)."""
+    """Saved at DP2 (1 packed row per rank), resumed at TP2, PP2 or PP2 x CP2 (the same global batch)."""
     run_dir = tmp_path / "switch"
     train(nproc=2, port=29712, overrides=base(synthetic, run_dir, "steps=3", "data.microbatches=1"))
-    train(nproc=2, port=29713, overrides=base(synthetic, run_dir, *RESUMED_LAYOUTS[layout]))
+    nproc, overrides = RESUMED_LAYOUTS[layout]
+    train(nproc=nproc, port=29713, overrides=base(synthetic, run_dir, *overrides))
     resumed = metrics(run_dir)
     assert sorted(resumed) == list(range(STEPS))
     for step in range(STEPS):
