@@ -8,6 +8,7 @@ the Hugging Face names (a `checkpoint_wrapper` would insert `_checkpoint_wrapped
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,16 @@ class ActivationCheckpointConfig:
             raise ValueError(f"activation_checkpointing.every={self.every} must be >= 1")
 
 
-def transformer_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
+TOWERS = ("vision", "language")
+
+
+def transformer_blocks(model: nn.Module, *, towers: Sequence[str] = TOWERS) -> dict[str, list[nn.Module]]:
     """The repeated blocks per tower (ViT encoder layers, decoder layers); absent towers are skipped."""
+    found = _all_blocks(model)
+    return {name: found[name] for name in towers if name in found}
+
+
+def _all_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
     towers: dict[str, list[nn.Module]] = {}
     visual = getattr(model, "visual", None)
     if visual is not None:
@@ -51,18 +60,21 @@ def _checkpoint_block(block: nn.Module) -> None:
     block._keye_checkpointed = True
 
 
-def apply_activation_checkpointing(model: nn.Module, *, mode: str, every: int = 2) -> list[str]:
+def apply_activation_checkpointing(
+    model: nn.Module, *, mode: str, every: int = 2, towers: Sequence[str] = TOWERS
+) -> list[str]:
     """Recompute blocks' activations in backward; returns the names of the checkpointed blocks.
 
     full: every ViT and decoder layer keeps only its input. selective: layers 0, k, 2k, ... of each
-    tower (a middle ground when memory allows keeping part of the activations).
+    tower (a middle ground when memory allows keeping part of the activations); on a pipeline stage the
+    count starts at the stage's first layer.
     """
     cfg = ActivationCheckpointConfig(mode=mode, every=every)
     if cfg.mode == "none":
         return []
     step = 1 if cfg.mode == "full" else cfg.every
     done = []
-    for tower, blocks in transformer_blocks(model).items():
+    for tower, blocks in transformer_blocks(model, towers=towers).items():
         for i, block in enumerate(blocks):
             if i % step == 0 and not getattr(block, "_keye_checkpointed", False):
                 _checkpoint_block(block)
@@ -70,7 +82,7 @@ def apply_activation_checkpointing(model: nn.Module, *, mode: str, every: int = 
     return done
 
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(model: nn.Module, *, towers: Sequence[str] = TOWERS) -> int:
     """torch.compile each block in place (`nn.Module.compile`), keeping names; returns the block count.
 
     Per block rather than whole-model: the blocks are identical so one graph is reused, and FSDP's
@@ -78,7 +90,7 @@ def apply_compile(model: nn.Module) -> int:
     compiled inside the checkpoint: dynamo silently skips a module whose forward is a checkpoint partial.
     """
     count = 0
-    for blocks in transformer_blocks(model).values():
+    for blocks in transformer_blocks(model, towers=towers).values():
         for block in blocks:
             if getattr(block, "_keye_checkpointed", False):
                 # Static shapes: with automatic dynamic shapes the recomputation can pick another graph

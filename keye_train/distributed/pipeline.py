@@ -346,9 +346,14 @@ def build_pipeline(
         config=config,
         visual_token_ids=tuple(model.visual_token_ids),
         hidden_size=model.model.cfg.hidden_size,
-        loss_parallel=any(isinstance(p, DTensor) for m in modules for p in m.parameters()),
+        loss_parallel=any(_on_tp_mesh(m.lm_head.weight) for m in modules if m.lm_head is not None),
         pipeline_stages=wrapped,
     )
+
+
+def _on_tp_mesh(param: Tensor) -> bool:
+    """A tensor-parallel parameter: a DTensor whose mesh has a "tp" dimension (FSDP alone has none)."""
+    return isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ())
 
 
 def stack_packed_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

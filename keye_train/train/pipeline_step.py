@@ -5,8 +5,9 @@ images and frames; the router sends the embeddings to the pipeline-stage-0 ranks
 needs them (and their gradients back). The decoder runs as pipeline stages (TP inside a stage when
 tp > 1). Gradients: stages are summed over DP replicas, the ViT and projector over the world.
 With context parallelism each CP rank runs the pipeline on its S/cp slice of the rows (Ulysses attention
-inside every stage). Pipeline stages are replicated over DP and CP (gradient all-reduce over dp_cp); ZeRO
-sharding of stage modules is not wired here yet.
+inside every stage). Each stage module is parallelised like a whole model (`parallelize`: TP, CP,
+activation checkpointing, compile, then FSDP over dp_shard x cp with the run's ZeRO stage);
+torch.distributed.pipelining defers the FSDP gradient reduction to the last microbatch of the step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 
 from keye_train.config.schema import TrainConfig
 from keye_train.data.layout import PackedBatch
+from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallelize import parallelize
 from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
 from keye_train.distributed.vision import (
     VisualRouter,
@@ -44,23 +47,20 @@ class PipelineTrainStep:
         self.router = VisualRouter(model)
         self.visual_token_ids = model.visual_token_ids
 
+        # The replicated ViT (outside the stages) gets the run's activation checkpointing and compile;
+        # each stage gets TP, CP, AC, compile and FSDP (ZeRO over dp_shard x cp) like a whole model.
+        towers = ("vision",)
+        apply_activation_checkpointing(
+            model,
+            mode=cfg.parallelize.activation_checkpointing,
+            every=cfg.parallelize.ac_every,
+            towers=towers,
+        )
+        if cfg.parallelize.compile:
+            apply_compile(model, towers=towers)
+
         def parallelize_stage(stage: nn.Module) -> nn.Module:
-            if dims.tp > 1:
-                from keye_train.distributed.tensor_parallel import apply_tensor_parallel
-
-                stage = apply_tensor_parallel(
-                    stage,
-                    tp_mesh=dims.submesh("tp"),
-                    sequence_parallel=cfg.parallelize.sequence_parallel,
-                    loss_parallel=cfg.parallelize.loss_parallel,
-                )
-            if dims.cp > 1:
-                from keye_train.distributed.context_parallel import apply_context_parallel
-
-                stage = apply_context_parallel(
-                    stage, cp_mesh=dims.submesh("cp"), cp_impl=cfg.context_parallel.cp_impl
-                )
-            return stage
+            return parallelize(stage, dims=dims, cfg=cfg.parallelize, cp_impl=cfg.context_parallel.cp_impl)
 
         self.pipeline = build_pipeline(
             model,
@@ -127,11 +127,7 @@ class PipelineTrainStep:
         return local, visual
 
     def _reduce_gradients(self) -> None:
-        if self.dims.dp * self.dims.cp > 1:  # DP replicas and CP slices saw different tokens: sum
-            group = self.dims.submesh("dp_cp").get_group()
-            for param in self.pipeline.parameters():
-                if param.grad is not None:
-                    dist.all_reduce(param.grad, group=group)
+        """Stage gradients were reduced by FSDP (sum over dp x cp) on the schedule's last backward."""
         reduce_visual_grads(self.visual_modules)
 
     def _global_loss(self, loss: Tensor | None) -> float:

@@ -9,12 +9,9 @@ from torch.distributed.tensor import DTensor
 
 from keye_train.data.layout import IGNORE_INDEX
 from keye_train.data.toy_batch import toy_packed_batch
-from keye_train.distributed.context_parallel import (
-    apply_context_parallel,
-    local_visual_embeds,
-    split_for_context_parallel,
-)
+from keye_train.distributed.context_parallel import local_visual_embeds, split_for_context_parallel
 from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
 from keye_train.distributed.pipeline import (
     PipelineConfig,
     build_pipeline,
@@ -102,35 +99,35 @@ def assert_matches_reference(results: list[dict], reference, *, what: str) -> No
         )
 
 
-def parallelize_stage_for(dims: ParallelDims):
-    def parallelize_stage(stage):
-        if dims.tp > 1:
-            stage = apply_tensor_parallel(stage, tp_mesh=dims.submesh("tp"))
-        if dims.cp > 1:
-            stage = apply_context_parallel(stage, cp_mesh=dims.submesh("cp"))
-        return stage
-
-    return parallelize_stage
-
-
-def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_stages, tp=1, cp=1):
+def train_pipeline(
+    rank, world_size, *, cfg, schedule, microbatches, virtual_stages, tp=1, cp=1, dp=1, zero_stage=None
+):
     """STEPS steps of one pipeline layout; the ViT runs locally on the rank(s) holding stage 0.
 
-    With cp > 1 each CP rank feeds the pipeline its S/cp slice (and the visual rows of that slice); the
-    gradients of CP peers, ViT included, are summed over cp as the trainer does."""
-    dims = ParallelDims(world_size=world_size, pp=world_size // (tp * cp), tp=tp, cp=cp)
+    zero_stage=None: stages get plain TP (tp > 1). Otherwise each stage goes through the trainer's own
+    `parallelize` (TP, Ulysses CP, FSDP over dp x cp with that ZeRO stage), each DP replica trains its
+    ROWS/dp rows and each CP rank its S/cp slice of them; FSDP sums the stage gradients over dp x cp and
+    the ViT's are summed here, as the trainer's router does."""
+    dims = ParallelDims(world_size=world_size, pp=world_size // (tp * cp * dp), dp_shard=dp, tp=tp, cp=cp)
     model = build_model(cfg, seed=0)
-    full_batch = global_batch(cfg)
-    batch, visual_index = full_batch, None
+    per_replica = ROWS // dp
+    first_row = dims.dp_rank * per_replica
+    batch = stack_packed_rows(
+        [toy_packed_batch(cfg, seed=s, seq_len=SEQ_LEN) for s in range(first_row, first_row + per_replica)]
+    )
+    num_target_tokens = int((global_batch(cfg)["labels"] != IGNORE_INDEX).sum())  # every replica's rows
+    visual_index = None
     if cp > 1:
         batch = split_for_context_parallel(
-            full_batch,
-            cp_rank=dims.rank_coordinates["cp"],
-            cp_size=cp,
-            visual_token_ids=model.visual_token_ids,
+            batch, cp_rank=dims.rank_coordinates["cp"], cp_size=cp, visual_token_ids=model.visual_token_ids
         )
         visual_index = batch.pop("visual_index")
-    parallelize_stage = parallelize_stage_for(dims) if tp * cp > 1 else None
+    parallelize_stage = None
+    if zero_stage is not None:
+        stage_cfg = ParallelizeConfig(zero_stage=zero_stage, mixed_precision=False)
+        parallelize_stage = lambda m: parallelize(m, dims=dims, cfg=stage_cfg)  # noqa: E731
+    elif tp > 1:
+        parallelize_stage = lambda m: apply_tensor_parallel(m, tp_mesh=dims.submesh("tp"))  # noqa: E731
     pipeline = build_pipeline(
         model,
         dims=dims,
@@ -144,7 +141,6 @@ def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_sta
         owned.update({f"visual.{n}": p for n, p in model.visual.named_parameters()})
         owned.update({f"mlp_AR.{n}": p for n, p in model.mlp_AR.named_parameters()})
     optimizer = torch.optim.AdamW(owned.values(), lr=LR)
-    num_target_tokens = int((full_batch["labels"] != IGNORE_INDEX).sum())  # whole batch, all CP slices
     losses, grads = [], {}
     for step in range(STEPS):
         visual = None
@@ -154,8 +150,8 @@ def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_sta
                 visual = local_visual_embeds(visual, visual_index)
         optimizer.zero_grad()
         loss = pipeline.step(batch, visual_embeds=visual, num_target_tokens=num_target_tokens)
-        if cp > 1:
-            loss = sum_over_cp(loss, owned, dims=dims)
+        if dp * cp > 1:
+            loss = sum_over_replicas(loss, owned, dims=dims)
         if step == 0:
             grads = {n: full_tensor(p.grad) for n, p in owned.items() if p.grad is not None}
         optimizer.step()
@@ -165,11 +161,12 @@ def train_pipeline(rank, world_size, *, cfg, schedule, microbatches, virtual_sta
     return {"losses": losses, "grads": grads, "params": params, "layers": stage_layers}
 
 
-def sum_over_cp(loss, owned: dict, *, dims: ParallelDims):
-    """CP peers saw different tokens: their gradients and losses add up to the whole batch's."""
-    group = dims.submesh("cp").get_group()
+def sum_over_replicas(loss, owned: dict, *, dims: ParallelDims):
+    """DP replicas and CP slices saw different tokens: their ViT gradients (plain tensors; FSDP already
+    summed the stages' DTensor gradients) and their losses add up to the whole batch's."""
+    group = dims.submesh("dp_cp").get_group()
     for param in owned.values():
-        if param.grad is not None:
+        if param.grad is not None and not isinstance(param.grad, DTensor):
             torch.distributed.all_reduce(param.grad, group=group)
     if loss is None:
         return None
@@ -228,19 +225,33 @@ def test_tp2_x_pp2_matches_single_process():
     assert_matches_reference(results, reference_rows(tiny()), what="tp2 x pp2")
 
 
-def _pp2_cp2_rank(rank, world_size):
-    return train_pipeline(
-        rank, world_size, cfg=tiny(), schedule="1f1b", microbatches=2, virtual_stages=1, cp=2
-    )
+# Four ranks, each stage parallelised by the trainer's `parallelize`: the stage-3 recipe's Ulysses CP
+# (FSDP over the CP peers), and DP2 with FSDP ZeRO-1 and ZeRO-3 inside the stages.
+SHARDED_LAYOUTS = {
+    "pp2_cp2_zero1": dict(cp=2, zero_stage=1),
+    "pp2_dp2_zero1": dict(dp=2, zero_stage=1),
+    "pp2_dp2_zero3": dict(dp=2, zero_stage=3),
+}
+
+
+def _sharded_rank(rank, world_size):
+    return {
+        name: train_pipeline(
+            rank, world_size, cfg=tiny(), schedule="1f1b", microbatches=2, virtual_stages=1, **layout
+        )
+        for name, layout in SHARDED_LAYOUTS.items()
+    }
 
 
 @pytest.mark.dist
-def test_pp2_x_cp2_matches_single_process():
-    """Ulysses CP inside every stage: each CP rank pipelines its half of the rows."""
-    results = run_ranks(_pp2_cp2_rank, world_size=4)
-    # Mesh order (pp, ..., cp, tp): ranks 0, 1 hold stage 0 (cp peers), ranks 2, 3 stage 1.
-    assert [r["layers"] for r in results] == [[["0"]], [["0"]], [["1"]], [["1"]]]
-    assert_matches_reference(results, reference_rows(tiny()), what="pp2 x cp2")
+def test_pp2_with_cp2_or_fsdp_dp2_matches_single_process():
+    results = run_ranks(_sharded_rank, world_size=4)
+    reference = reference_rows(tiny())
+    for name in SHARDED_LAYOUTS:
+        per_rank = [r[name] for r in results]
+        # Mesh order (pp, dp_replicate, dp_shard, cp, tp): ranks 0, 1 hold stage 0, ranks 2, 3 stage 1.
+        assert [r["layers"] for r in per_rank] == [[["0"]], [["0"]], [["1"]], [["1"]]], name
+        assert_matches_reference(per_rank, reference, what=name)
 
 
 def test_row_reference_is_the_harness_reference():
