@@ -2,9 +2,11 @@
 
 Each step every rank knows the visual items (images and video frames) of the global batch and which ranks
 consume each one: the pipeline-stage-0 ranks of the DP replica whose rows hold its placeholders (TP peers
-each need the full embeddings). A pluggable cost model and assignment place every item on exactly one
-rank of the world, which encodes it (ViT + projector); `all_to_all_single` then moves the embeddings to
-their consumers, and in backward the gradients take the reverse route. No item is encoded twice, so TP,
+each need the full embeddings). Those consumers also hold the item's pixels (the topology-aware loader
+delivers pixels to stage 0 only). A pluggable cost model and assignment place every item on exactly one
+rank of the world, which encodes it (ViT + projector); an encoding rank that is not a consumer first
+receives the pixels from one of them (`all_to_all_single`), then the embeddings go to their consumers the
+same way, and in backward the gradients take the reverse route. No item is encoded twice, so TP,
 CP and PP peers never duplicate ViT work.
 
 Gradient convention (the one FSDP units use here too): the loss is divided by the GLOBAL number of target
@@ -190,14 +192,16 @@ class VisualRouter:
     ) -> tuple[Tensor, VisualWorkReport]:
         """Embeddings of the items this rank consumes, in item order, and the step's work report.
 
-        pixels(i) returns item i's patches (h*w, 3, p, p); it is only called for items encoded here.
+        pixels(i) returns item i's patches (h*w, 3, p, p); it is called only on the consumers of item i
+        (which must hold them), for the items they encode or send to the rank that encodes them.
         """
         world = dist.get_world_size(self.group)
         me = dist.get_rank(self.group)
         owner, report = self.plan(items)
         tokens = [item.num_patches // self.merge**2 for item in items]
         mine = [i for i, r in enumerate(owner) if r == me]
-        encoded = self._encode(items, mine, pixels)
+        received = self._exchange_pixels(items, owner, pixels)
+        encoded = self._encode(items, mine, lambda i: received[i] if i in received else pixels(i))
 
         # Send buffer grouped by destination rank, items ascending inside each group.
         row_start, offset = {}, 0
@@ -232,6 +236,39 @@ class VisualRouter:
         weight = torch.tensor(send_weight, dtype=encoded.dtype, device=encoded.device)
         routed = _RouteRows.apply(send, anchor, send_splits, recv_splits, weight, self.group)
         return routed[torch.tensor(order, dtype=torch.long, device=encoded.device)], report
+
+    def _exchange_pixels(
+        self, items: Sequence[VisualItem], owner: list[int], pixels: Callable[[int], Tensor]
+    ) -> dict[int, Tensor]:
+        """Pixels of the items this rank encodes without being their consumer, each sent by one consumer.
+
+        Every rank computes the same moves from the same items and plan, so all agree on the split sizes
+        (and on skipping the collective when nothing moves). Senders alternate among an item's consumers.
+        """
+        moves = [i for i, item in enumerate(items) if owner[i] not in item.consumers]
+        if not moves:
+            return {}
+        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
+        source = {i: items[i].consumers[i % len(items[i].consumers)] for i in moves}
+        sends = [[i for i in moves if source[i] == me and owner[i] == dest] for dest in range(world)]
+        recvs = [[i for i in moves if source[i] == src and owner[i] == me] for src in range(world)]
+        channels, patch = 3, self.model.cfg.vision.patch_size
+        per_patch = channels * patch * patch
+        param = next(self.model.visual.parameters())
+        send = [pixels(i).reshape(-1) for group in sends for i in group]
+        send_buf = torch.cat(send).to(param.device) if send else param.new_empty(0)
+        recv_sizes = [sum(items[i].num_patches * per_patch for i in group) for group in recvs]
+        recv_buf = send_buf.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(
+            recv_buf,
+            send_buf,
+            output_split_sizes=recv_sizes,
+            input_split_sizes=[sum(items[i].num_patches * per_patch for i in group) for group in sends],
+            group=self.group,
+        )
+        order = [i for group in recvs for i in group]
+        chunks = recv_buf.split([items[i].num_patches * per_patch for i in order])
+        return {i: c.view(items[i].num_patches, channels, patch, patch) for i, c in zip(order, chunks)}
 
     def _encode(
         self, items: Sequence[VisualItem], mine: list[int], pixels: Callable[[int], Tensor]

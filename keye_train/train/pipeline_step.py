@@ -92,23 +92,37 @@ class PipelineTrainStep:
         view.visual, view.mlp_AR = self.visual_modules
         return view
 
-    def __call__(self, replicas: list[list[PackedBatch]], *, global_count: Tensor) -> float:
-        """replicas[d] holds DP replica d's packed rows; returns the step's loss, already normalised by
-        the global target count (the same value on every rank)."""
+    def __call__(self, rows: list[PackedBatch], *, global_count: Tensor) -> float:
+        """rows: this DP replica's packed rows, with pixels at least on the stage-0 ranks (the others may
+        hold empty pixel_values); returns the step's loss, already normalised by the global target count
+        (the same value on every rank)."""
+        batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
+        grids = self._replica_grids(batch["grid_thw"])
         consumers = stage0_consumers(self.dims)
-        items, frames, stacked = [], [], []
-        for replica, rows in enumerate(replicas):
-            batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
-            stacked.append(batch)
-            items += visual_items(batch["grid_thw"], consumers=consumers[replica], grad_copies=self.dims.tp)
-            frames += frame_pixels(batch["pixel_values"], batch["grid_thw"])
-        visual, self.visual_report = self.router(items, pixels=frames.__getitem__)
-        batch = stacked[self.dims.dp_rank]
+        items, first_item = [], 0
+        for replica, grid in enumerate(grids):
+            if replica == self.dims.dp_rank:
+                first_item = len(items)
+            items += visual_items(grid, consumers=consumers[replica], grad_copies=self.dims.tp)
+        frames = (
+            frame_pixels(batch["pixel_values"], batch["grid_thw"]) if self.pipeline.has_first_stage else []
+        )
+        visual, self.visual_report = self.router(items, pixels=lambda i: frames[i - first_item])
         if self.dims.cp > 1:
             batch, visual = self._context_slice(batch, visual)
         loss = self.pipeline.step(batch, visual_embeds=visual, num_target_tokens=global_count)
         self._reduce_gradients()
         return self._global_loss(loss)
+
+    def _replica_grids(self, grid_thw: Tensor) -> list[Tensor]:
+        """Every DP replica's grid_thw, in dp order: the router plans the whole global batch's visual
+        items on every rank, while each rank holds only its own replica's rows."""
+        if self.dims.dp == 1:
+            return [grid_thw]
+        gathered: list = [None] * self.dims.world_size
+        dist.all_gather_object(gathered, (self.dims.dp_rank, grid_thw.tolist()))
+        by_replica = dict(gathered)
+        return [torch.tensor(by_replica[d], dtype=torch.long).reshape(-1, 3) for d in range(self.dims.dp)]
 
     def _context_slice(self, batch: dict[str, Tensor], visual: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """This CP rank's slice of the replica's rows; on stage 0 also the visual rows it splices (the

@@ -38,7 +38,6 @@ class StepInput:
     mine: list[PackedBatch]  # this rank's packed rows
     global_count: float  # target tokens of the whole global batch (the loss normaliser)
     tokens: int  # tokens of the whole global batch
-    replicas: list[list[PackedBatch]] | None = None  # every DP replica's rows (stream loader; PP needs them)
     report: dict[str, float] = field(default_factory=dict)  # the planner's balance report (indexed loader)
 
 
@@ -137,11 +136,6 @@ class Trainer:
 
     def build_stream(self):
         if self.cfg.data.loader == "indexed":
-            if self.dims.pp > 1:
-                raise ValueError(
-                    "data.loader=indexed with parallel.pp > 1: the heterogeneous ViT needs every replica's "
-                    "pixels on every rank, which the indexed loader does not ship yet; use data.loader=stream"
-                )
             return build_indexed_loader(self.cfg, self.tokenizer, dims=self.dims)
         return build_stream(self.cfg, self.tokenizer)
 
@@ -220,7 +214,6 @@ class Trainer:
             mine=replicas[self.dims.dp_rank],
             global_count=float(sum(b.num_target_tokens for b in rows)),
             tokens=sum(b.input_ids.numel() for b in rows),
-            replicas=replicas,
         )
 
     def train_step(self) -> None:
@@ -229,13 +222,22 @@ class Trainer:
         global_count = torch.tensor(max(1.0, step.global_count))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(step, global_count=global_count)
+        extra = dict(step.report)
+        if self.dims.pp > 1 and self.pp_step.visual_report is not None:
+            # How the heterogeneous ViT spread this step's images and frames over the world.
+            spread = self.pp_step.visual_report
+            extra.update(
+                vit_imbalance=spread.imbalance,
+                vit_patches_max=max(spread.patches_per_rank),
+                vit_patches_min=min(spread.patches_per_rank),
+            )
         self._finish_step(
             loss=loss,
             tokens=step.tokens,
             keys=step.keys,
             started=started,
             rank_load=float(sum(b.num_target_tokens for b in step.mine)),
-            extra=step.report,
+            extra=extra,
             flops=self._step_flops(step.mine),
         )
 
@@ -298,7 +300,7 @@ class Trainer:
     def _forward_backward(self, step: StepInput, *, global_count: torch.Tensor) -> float:
         """Gradients of the step's globally normalised loss; returns the loss (the same on every rank)."""
         if self.dims.pp > 1:
-            return self.pp_step(step.replicas, global_count=global_count)
+            return self.pp_step(step.mine, global_count=global_count)
         loss_sum = 0.0
         for index, batch in enumerate(step.mine):
             self._prepare_microbatch(is_last=index == len(step.mine) - 1)

@@ -54,6 +54,12 @@ def train_routed(rank, world_size, *, pp, tp, assign):
     assign_fn = _cross_replica(len(items) // dims.dp) if assign == "cross_replica" else greedy_longest_first
     router = VisualRouter(model, assign_fn=assign_fn)
 
+    def held_pixels(i):
+        """Only an item's consumers (its replica's stage-0 ranks) hold its pixels, as under the indexed
+        loader; anywhere else they are NaN, so encoding from them instead of the shipped ones would show."""
+        held = rank in items[i].consumers
+        return frames[i] if held else torch.full_like(frames[i], float("nan"))
+
     parallelize_stage = None
     if tp > 1:
         from keye_train.distributed.tensor_parallel import apply_tensor_parallel
@@ -82,7 +88,7 @@ def train_routed(rank, world_size, *, pp, tp, assign):
     optimizer = torch.optim.AdamW(owned.values(), lr=LR)
     losses, grads, reports = [], {}, []
     for step in range(STEPS):
-        visual, report = router(items, pixels=frames.__getitem__)
+        visual, report = router(items, pixels=held_pixels)
         reports.append(report)
         optimizer.zero_grad()
         loss = pipeline.step(local, visual_embeds=visual, num_target_tokens=num_target_tokens)

@@ -106,6 +106,23 @@ def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path)
         assert resumed[step]["mfu"] > 0
 
 
+def test_indexed_loader_feeds_the_pipeline_like_one_process(synthetic, tmp_path):
+    """PP2 on the topology-aware loader: only stage 0 loads and holds pixels; the heterogeneous ViT ships
+    the pixels of the items it gives the other stage. Same samples and losses as one process."""
+    indexed = ["data.loader=indexed", "data.microbatches=2"]
+    train(overrides=base(synthetic, tmp_path / "single", *indexed, "parallel=single"))
+    reference = metrics(tmp_path / "single")
+    pipeline = ["parallel.pp=2", "parallel.dp_shard=1", "pipeline.microbatches=2"]
+    train(nproc=2, port=29724, overrides=base(synthetic, tmp_path / "pp2", *indexed, *pipeline))
+    pp2 = metrics(tmp_path / "pp2")
+    assert sorted(pp2) == sorted(reference) == list(range(STEPS))
+    for step in range(STEPS):
+        assert pp2[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
+        assert pp2[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-6), f"step {step}"
+    # Both ranks encoded images on some step: stage 1 had no pixels of its own, so they were shipped.
+    assert any(pp2[step]["vit_patches_min"] > 0 for step in range(STEPS))
+
+
 def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthetic, tmp_path):
     """kill -9 of the whole job (no chance to checkpoint); the resume restarts from the last complete
     checkpoint, redoes the lost steps, and every step consumes the samples of the uninterrupted run."""
