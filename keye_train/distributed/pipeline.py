@@ -233,7 +233,12 @@ class Pipeline:
             yield param
 
     def step(
-        self, batch: dict[str, Tensor], *, visual_embeds: Tensor | None, num_target_tokens: int | Tensor
+        self,
+        batch: dict[str, Tensor],
+        *,
+        visual_embeds: Tensor | None,
+        num_target_tokens: int | Tensor,
+        backward: bool = True,
     ) -> Tensor | None:
         """Forward and backward of one global batch of fixed-length rows (this DP replica's share).
 
@@ -244,7 +249,8 @@ class Pipeline:
         rows' and visual_embeds are the slice's own (`local_visual_embeds`). Gradients reach the
         visual_embeds' graph after the schedule, on every rank that passed a tensor requiring grad, so a
         routed ViT's reverse all-to-all runs on all ranks. Returns the summed microbatch losses on the
-        rank holding the last stage, None elsewhere.
+        rank holding the last stage, None elsewhere. backward=False runs the forward schedule only
+        (evaluation: call it under torch.no_grad(), with the training step's microbatch shape).
         """
         input_ids = batch["input_ids"]
         rows = input_ids.shape[0]
@@ -273,8 +279,9 @@ class Pipeline:
         losses: list[Tensor] = []
         # Vocab-sharded logits need their cross entropy and its backward inside loss_parallel; the
         # schedule runs both, so the whole step goes inside.
+        run = self.schedule.step if backward else self.schedule.eval
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-            self.schedule.step(
+            run(
                 *args,
                 target=batch["labels"] if self.has_last_stage else None,
                 losses=losses,
@@ -282,7 +289,7 @@ class Pipeline:
                 loss_kwargs={"num_target_tokens": num_target_tokens},
                 **kwargs,
             )
-        if visual_embeds is not None and visual_embeds.requires_grad:
+        if backward and visual_embeds is not None and visual_embeds.requires_grad:
             grad = torch.zeros_like(visual_embeds)
             if dense_leaf is not None and dense_leaf.grad is not None:
                 is_visual = torch.isin(

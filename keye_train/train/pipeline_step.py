@@ -92,10 +92,10 @@ class PipelineTrainStep:
         view.visual, view.mlp_AR = self.visual_modules
         return view
 
-    def __call__(self, rows: list[PackedBatch], *, global_count: Tensor) -> float:
+    def __call__(self, rows: list[PackedBatch], *, global_count: Tensor, backward: bool = True) -> float:
         """rows: this DP replica's packed rows, with pixels at least on the stage-0 ranks (the others may
         hold empty pixel_values); returns the step's loss, already normalised by the global target count
-        (the same value on every rank)."""
+        (the same value on every rank). backward=False evaluates (call it under torch.no_grad())."""
         batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
         grids = self._replica_grids(batch["grid_thw"])
         consumers = stage0_consumers(self.dims)
@@ -110,8 +110,11 @@ class PipelineTrainStep:
         visual, self.visual_report = self.router(items, pixels=lambda i: frames[i - first_item])
         if self.dims.cp > 1:
             batch, visual = self._context_slice(batch, visual)
-        loss = self.pipeline.step(batch, visual_embeds=visual, num_target_tokens=global_count)
-        self._reduce_gradients()
+        loss = self.pipeline.step(
+            batch, visual_embeds=visual, num_target_tokens=global_count, backward=backward
+        )
+        if backward:
+            self._reduce_gradients()
         return self._global_loss(loss)
 
     def _replica_grids(self, grid_thw: Tensor) -> list[Tensor]:

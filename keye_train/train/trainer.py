@@ -116,9 +116,13 @@ class Trainer:
     def _build_pipeline(self) -> dict[str, torch.nn.Module]:
         from keye_train.train.pipeline_step import PipelineTrainStep
 
-        if self.cfg.data.eval_interval:
+        data = self.cfg.data
+        if data.eval_interval and data.eval_manifest and data.eval_batches % data.microbatches:
+            # The schedule's stages keep the training step's microbatch shape: evaluate in whole steps.
             raise ValueError(
-                "data.eval_interval > 0 with parallel.pp > 1: held-out evaluation under PP is not wired yet"
+                f"data.eval_batches={data.eval_batches} must be a multiple of data.microbatches="
+                f"{data.microbatches} under parallel.pp > 1 (evaluation runs the pipeline in training-step "
+                "groups of rows)"
             )
 
         self.pp_step = PipelineTrainStep(self.model, dims=self.dims, cfg=self.cfg, device=self.device)
@@ -354,8 +358,13 @@ class Trainer:
             return
         mine, count = self._eval_set()
         with torch.no_grad():
-            local = sum(self.lm_step(b, global_count=count, backward=False)[0] for b in mine)
-        eval_loss = self._global_loss(local) / count.item()
+            if self.dims.pp > 1:
+                per_step = data.microbatches
+                groups = [mine[i : i + per_step] for i in range(0, len(mine), per_step)]
+                eval_loss = sum(self.pp_step(rows, global_count=count, backward=False) for rows in groups)
+            else:
+                local = sum(self.lm_step(b, global_count=count, backward=False)[0] for b in mine)
+                eval_loss = self._global_loss(local) / count.item()
         sequences = self.dims.dp * data.eval_batches
         self._log(f"step {self.step}: eval loss {eval_loss:.4f} over {sequences} held-out sequences")
         if self.rank == 0:
