@@ -10,6 +10,7 @@ import torch.distributed as dist
 from keye_train.checkpoint.dcp import combine_modules
 from keye_train.data.manifest import load_manifest
 from keye_train.data.pairs import PairBatch, PairStream
+from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
 from keye_train.train.build import build_weights
 from keye_train.train.stages import apply_stage
@@ -17,9 +18,9 @@ from keye_train.train.trainer import Trainer
 
 
 class SiglipTrainer(Trainer):
-    """Data parallel over every rank (the ViT is data-parallel only); towers replicated, gradients averaged
-    in one flat all-reduce per step. Each rank's sigmoid loss uses its own batch's pairs as negatives
-    (SigLIP's chunked exchange of negatives across devices is not implemented)."""
+    """Data parallel over every rank (the ViT is data-parallel only); towers replicated, gradients summed
+    in one flat all-reduce per step. The sigmoid loss is the global batch's: every rank's pairs are
+    negatives for all others (`distributed/contrastive.py`), and each rank back-propagates its share."""
 
     def build_model(self) -> dict[str, torch.nn.Module]:
         self.model, self.tower = build_weights(self.cfg, self.keye_cfg, device=self.device)
@@ -44,17 +45,17 @@ class SiglipTrainer(Trainer):
         batches = [self.stream.next_batch() for _ in range(world)]
         mine = batches[self.rank]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._pair_loss(mine)
-        (loss / world).backward()  # the mean over ranks of each rank's mean loss
+        loss = self._pair_loss(mine)  # this rank's share of the global batch's loss
+        loss.backward()
         if world > 1:
             from keye_train.distributed.vision import reduce_visual_grads
 
             reduce_visual_grads([self.model.visual, self.tower])
-        mean_loss = torch.tensor(loss.item())
+        global_loss = torch.tensor(loss.item())
         if world > 1:
-            dist.all_reduce(mean_loss)
+            dist.all_reduce(global_loss)
         self._finish_step(
-            loss=mean_loss.item() / world,
+            loss=global_loss.item(),
             tokens=sum(b.pixel_values.shape[0] for b in batches),  # ViT patches
             keys=[key for b in batches for key in b.keys],
             started=started,
@@ -67,7 +68,8 @@ class SiglipTrainer(Trainer):
         features = vision(batch.pixel_values.to(self.device), grid)
         image_embeds = vision.pool(features, grid)
         text_embeds = self.tower(batch.text_ids.to(self.device))
-        return sigmoid_contrastive_loss(
+        loss_fn = sigmoid_loss_global_negatives if self.dims.world_size > 1 else sigmoid_contrastive_loss
+        return loss_fn(
             image_embeds, text_embeds, logit_scale=self.tower.logit_scale, logit_bias=self.tower.logit_bias
         )
 
