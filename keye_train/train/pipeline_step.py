@@ -17,12 +17,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from keye_train.config.schema import TrainConfig
+from keye_train.data.cost import CostModel
 from keye_train.data.layout import PackedBatch
 from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import parallelize
 from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
 from keye_train.distributed.vision import (
+    CostFn,
     VisualRouter,
     frame_pixels,
     reduce_visual_grads,
@@ -30,6 +32,15 @@ from keye_train.distributed.vision import (
     visual_items,
 )
 from keye_train.train.step import batch_tensors
+
+
+def calibrated_visual_cost(path: str | None) -> CostFn | None:
+    """The router's per-item cost from `keye-data calibrate`'s coefficients (the planner's cost model);
+    None keeps the router's FLOP estimate for the model being trained."""
+    if not path:
+        return None
+    cost_model = CostModel.load(path)
+    return lambda item: cost_model.vit_cost([item.num_patches])
 
 
 class PipelineTrainStep:
@@ -44,7 +55,7 @@ class PipelineTrainStep:
         self.dims = dims
         self.device = device
         self.visual_modules = [model.visual, model.mlp_AR]
-        self.router = VisualRouter(model)
+        self.router = VisualRouter(model, cost_fn=calibrated_visual_cost(cfg.data.cost_model))
         self.visual_token_ids = model.visual_token_ids
 
         # The replicated ViT (outside the stages) gets the run's activation checkpointing and compile;

@@ -123,3 +123,15 @@ def test_predicted_cost_equals_the_cost_of_the_encoded_sample(tmp_path):
                 assert real <= predicted <= 1.03 * real
             else:
                 assert predicted == pytest.approx(real, rel=1e-12), entry.key
+
+
+def test_the_vit_router_uses_the_calibrated_coefficients(tmp_path):
+    from keye_train.distributed.vision import VisualItem
+    from keye_train.train.pipeline_step import calibrated_visual_cost
+
+    path = tmp_path / "cost.json"
+    CostModel(vit_linear=2.0, vit_quadratic=3.0, llm_linear=0.0, llm_quadratic=0.0, scale=1.0).save(path)
+    cost = calibrated_visual_cost(str(path))
+    # A 4x6 frame has 24 patches: 2 * 24 + 3 * 24**2.
+    assert cost(VisualItem(grid_hw=(4, 6), consumers=(0,))) == 2 * 24 + 3 * 576
+    assert calibrated_visual_cost(None) is None  # the router's own FLOP estimate
