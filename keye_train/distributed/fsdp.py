@@ -68,7 +68,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from keye_train.distributed.parallel_dims import MESH_DIMS, ParallelDims
+from keye_train.distributed.parallel_dims import ParallelDims
 
 ZERO_STAGES = (1, 2, 3)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -111,11 +111,7 @@ class _Unit:
 
 def world_mesh(dims: ParallelDims) -> DeviceMesh:
     """A 1-D view of all ranks (the ViT and projector are data-parallel over the whole world)."""
-    mesh = dims.mesh
-    try:
-        return mesh["world"]
-    except KeyError:
-        return mesh[MESH_DIMS]._flatten("world")
+    return dims.submesh("world")
 
 
 def llm_mesh(dims: ParallelDims) -> DeviceMesh:

@@ -13,6 +13,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 # Mesh dimension order, outermost first: PP outermost so its point-to-point traffic crosses nodes while
 # TP (innermost) stays inside a node, as in Megatron and torchtitan.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+_FLATTENED = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+    "world": MESH_DIMS,
+}
 
 
 @dataclass
@@ -31,6 +37,7 @@ class ParallelDims:
     tp: int = 1
     device_type: str = "cpu"
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _flat: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("pp", "dp_replicate", "cp", "tp"):
@@ -98,16 +105,17 @@ class ParallelDims:
         mesh = init_device_mesh(
             self.device_type, tuple(self.degrees.values()), mesh_dim_names=tuple(self.degrees)
         )
-        # Flattened views used by FSDP (params sharded over dp_shard x cp), data loading (dp) and the
-        # loss reduction (every rank that sees different tokens).
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        # Flattened views used by FSDP (params sharded over dp_shard x cp; the ViT over the world), data
+        # loading (dp) and the loss reduction (every rank that sees different tokens). Kept here: slicing a
+        # flattened dimension back out of the root mesh is deprecated in torch.
+        self._flat = {name: mesh[dims]._flatten(name) for name, dims in _FLATTENED.items()}
         return mesh
 
     def submesh(self, name: str) -> DeviceMesh:
-        """A mesh dimension or flattened view: pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp."""
-        return self.mesh[name]
+        """A mesh dimension or flattened view: pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp,
+        world."""
+        mesh = self.mesh
+        return self._flat[name] if name in self._flat else mesh[name]
 
     @cached_property
     def rank_coordinates(self) -> dict[str, int]:
