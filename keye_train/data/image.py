@@ -63,6 +63,17 @@ class ImageConfig:
     def max_pixels(self) -> int:
         return self.max_tokens * self.factor**2
 
+    def resized_hw(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) after the smart resize: what the encoder produces and the index predicts."""
+        return smart_resize(
+            height,
+            width,
+            factor=self.factor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            max_aspect_ratio=self.max_aspect_ratio,
+        )
+
 
 def smart_resize(
     height: int,
@@ -177,15 +188,6 @@ def preprocess_image(image: PIL.Image.Image, cfg: ImageConfig) -> tuple[Tensor, 
     if not isinstance(image, PIL.Image.Image):
         raise ValueError(f"preprocess_image expects a PIL.Image.Image, got {type(image).__name__}")
     rgb = to_rgb(image)
-    width, height = rgb.size
-    size_hw = smart_resize(
-        height,
-        width,
-        factor=cfg.factor,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-        max_aspect_ratio=cfg.max_aspect_ratio,
-    )
-    resized = resize_image_bicubic(rgb, size_hw)
+    resized = resize_image_bicubic(rgb, cfg.resized_hw(*rgb.size))
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
     return normalize_patchify(pixels, patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std)

@@ -19,6 +19,7 @@ from keye_train.data import chat, layout
 from keye_train.data.manifest import SOURCE_KINDS, SourceConfig
 from keye_train.data.sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, parse_raw
 from keye_train.data.tokenizer import SPECIAL_TOKENS, LoadedTokenizer, load_tokenizer
+from keye_train.data.video_decode import video_stream_header
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +117,18 @@ def _video_meta(data: bytes, member: str) -> dict:
 
     try:
         with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise ValueError(f"video {member!r} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            if not rate or float(rate) <= 0:
-                raise ValueError(f"video {member!r}: the stream has no frame rate")
-            frames = stream.frames
+            stream, fps, frames = video_stream_header(container, repr(member))
             if frames <= 0:  # not recorded by some containers: count packets (demuxing, not decoding)
                 frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
             if frames <= 0:
                 raise ValueError(f"video {member!r} has no frames")
             width, height = stream.codec_context.width, stream.codec_context.height
-            duration = float(stream.duration * stream.time_base) if stream.duration else frames / float(rate)
+            duration = float(stream.duration * stream.time_base) if stream.duration else frames / fps
     except av.error.FFmpegError as exc:
         raise ValueError(f"cannot open video {member!r}: {exc}; corrupt, truncated or not a video") from None
     if width <= 0 or height <= 0:
         raise ValueError(f"video {member!r} has an empty size {width}x{height}")
-    return {"duration": duration, "fps": float(rate), "width": width, "height": height, "frames": frames}
+    return {"duration": duration, "fps": fps, "width": width, "height": height, "frames": frames}
 
 
 def _rendered_text(rec: RawRecord, images: list, videos: list, options: chat.ChatOptions) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from keye_train.data import slowfast
-from keye_train.data.image import ImageConfig, smart_resize
+from keye_train.data.image import ImageConfig
 from keye_train.data.video import VideoConfig
 
 if TYPE_CHECKING:
@@ -18,14 +18,7 @@ VIDEO_SPLITS = ("upper_bound", "all_slow")
 
 def image_patches(width: int, height: int, cfg: ImageConfig) -> int:
     """ViT patches of an image of this size after the smart resize (LLM tokens: / merge_size^2)."""
-    out_h, out_w = smart_resize(
-        height,
-        width,
-        factor=cfg.factor,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-        max_aspect_ratio=cfg.max_aspect_ratio,
-    )
+    out_h, out_w = cfg.resized_hw(width, height)
     return (out_h // cfg.patch_size) * (out_w // cfg.patch_size)
 
 

@@ -50,6 +50,19 @@ def _stack(arrays: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def video_stream_header(container, what: str) -> tuple[object, float, int]:
+    """A PyAV container's first video stream, its frame rate and the frame count it announces (0 when not
+    recorded). The decoder and the shard index both read a video's header through this, so the index
+    predicts from exactly the rate and count the decoder will use."""
+    if not container.streams.video:
+        raise ValueError(f"video {what} has no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate or float(rate) <= 0:
+        raise ValueError(f"video {what}: the stream has no frame rate")
+    return stream, float(rate), stream.frames
+
+
 def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> DecodedFrames:
     """Decode with PyAV, keeping only the picked frames (converted to RGB as decoded, in display order).
 
@@ -66,14 +79,7 @@ def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decoded
             f"cannot open video {what}: {exc}; the file is corrupt, truncated or not a video"
         ) from exc
     with container:
-        if not container.streams.video:
-            raise ValueError(f"video {what} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or float(rate) <= 0:
-            raise ValueError(f"video {what}: the stream has no frame rate")
-        native_fps = float(rate)
-        total = stream.frames
+        stream, native_fps, total = video_stream_header(container, what)
         if total <= 0:  # not recorded by some containers (mkv, webm): count packets without decoding
             total = _count_packets(av, source, what)
         if total <= 0:
