@@ -148,8 +148,8 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
 
     destroy_process_group drops torch's own references, but DeviceMeshes and DTensors in reference cycles
     keep gloo's process group alive until interpreter finalisation, where its worker threads can abort the
-    process ("terminate called without an active exception", exit -6: about 1 run in 10 of a 2-rank gloo
-    test here). Collecting right after the destroy frees it while Python can still run its destructors.
+    process ("terminate called without an active exception", exit -6, in a fraction of 2-rank gloo runs).
+    Collecting right after the destroy frees it while Python can still run its destructors.
     """
     if not dist.is_initialized():
         return

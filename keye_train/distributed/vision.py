@@ -249,25 +249,31 @@ class VisualRouter:
         if not moves:
             return {}
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
-        source = {i: items[i].consumers[i % len(items[i].consumers)] for i in moves}
-        sends = [[i for i in moves if source[i] == me and owner[i] == dest] for dest in range(world)]
-        recvs = [[i for i in moves if source[i] == src and owner[i] == me] for src in range(world)]
+        # One pass over the moves (not one per rank): this runs every step with up to thousands of ranks.
+        sends: list[list[int]] = [[] for _ in range(world)]
+        recvs: list[list[int]] = [[] for _ in range(world)]
+        for i in moves:
+            source = items[i].consumers[i % len(items[i].consumers)]
+            if source == me:
+                sends[owner[i]].append(i)
+            if owner[i] == me:
+                recvs[source].append(i)
         channels, patch = 3, self.model.cfg.vision.patch_size
-        per_patch = channels * patch * patch
+        numel = {i: items[i].num_patches * channels * patch * patch for i in moves}
         param = next(self.model.visual.parameters())
         send = [pixels(i).reshape(-1) for group in sends for i in group]
         send_buf = torch.cat(send).to(param.device) if send else param.new_empty(0)
-        recv_sizes = [sum(items[i].num_patches * per_patch for i in group) for group in recvs]
+        recv_sizes = [sum(numel[i] for i in group) for group in recvs]
         recv_buf = send_buf.new_empty(sum(recv_sizes))
         dist.all_to_all_single(
             recv_buf,
             send_buf,
             output_split_sizes=recv_sizes,
-            input_split_sizes=[sum(items[i].num_patches * per_patch for i in group) for group in sends],
+            input_split_sizes=[sum(numel[i] for i in group) for group in sends],
             group=self.group,
         )
         order = [i for group in recvs for i in group]
-        chunks = recv_buf.split([items[i].num_patches * per_patch for i in order])
+        chunks = recv_buf.split([numel[i] for i in order])
         return {i: c.view(items[i].num_patches, channels, patch, patch) for i, c in zip(order, chunks)}
 
     def _encode(

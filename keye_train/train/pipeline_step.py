@@ -12,6 +12,8 @@ torch.distributed.pipelining defers the FSDP gradient reduction to the last micr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -107,6 +109,8 @@ class PipelineTrainStep:
         """rows: this DP replica's packed rows, with pixels at least on the stage-0 ranks (the others may
         hold empty pixel_values); returns the step's loss, already normalised by the global target count
         (the same value on every rank). backward=False evaluates (call it under torch.no_grad())."""
+        if not self.pipeline.has_first_stage:  # pixels are read on stage 0 only: do not copy them here
+            rows = [replace(b, pixel_values=b.pixel_values[:0]) for b in rows]
         batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
         grids = self._replica_grids(batch["grid_thw"])
         consumers = stage0_consumers(self.dims)
