@@ -110,9 +110,8 @@ def build_model(cfg: KeyeConfig, *, device: str | torch.device = "cpu", seed: in
     if torch.device(device).type == "meta":
         return model
     model.to_empty(device=device)
-    generator_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    init_weights(model)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
+        if seed is not None:
+            torch.manual_seed(seed)
+        init_weights(model)
     return model

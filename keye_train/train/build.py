@@ -99,10 +99,9 @@ def build_weights(
     model = build_model(keye_cfg, device=device, seed=cfg.model.init_seed)
     tower = None
     if cfg.stage.loss == "siglip":
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.model.init_seed + 1)
-        tower = SiglipTextTower(keye_cfg.text_tower).to(device)
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.model.init_seed + 1)
+            tower = SiglipTextTower(keye_cfg.text_tower).to(device)
     source = cfg.stage.init_from
     if source:
         from keye_train.checkpoint.manager import load_model_weights
