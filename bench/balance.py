@@ -9,8 +9,8 @@ import argparse
 import json
 import time
 
-from keye_train.data.balance import plan_batch
-from keye_train.data.workload import heavy_tailed_batch
+from keye_train.data.plan.balance import plan_batch
+from keye_train.testing.workload import heavy_tailed_batch
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from keye_train.data.manifest import load_manifest
-from keye_train.data.pipeline import SampleEncoder, SkipCounter
-from keye_train.data.sources import iter_records
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig, preprocess_video, resize_video
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter
+from keye_train.data.media.video import VideoConfig, preprocess_video, resize_video
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.shards.sources import iter_records
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

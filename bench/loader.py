@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from keye_train.data.index import build_index, load_index
-from keye_train.data.ioserver import DecodeRequest, IOClient, IOServerConfig, decode_many
-from keye_train.data.ioserver_local import LocalServer
-from keye_train.data.layout import EncodedSample
-from keye_train.data.manifest import load_manifest
-from keye_train.data.pipeline import SampleEncoder
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.batch import EncodedSample
+from keye_train.data.ioserver.config import DecodeRequest, IOClient, IOServerConfig, decode_many
+from keye_train.data.loader.encode import SampleEncoder
+from keye_train.data.shards.index import build_index, load_index
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
+from keye_train.testing.ioserver_local import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from keye_train.data.cost import CostModel
-from keye_train.data.index import build_index
-from keye_train.data.loader import TopologyAwareLoader
-from keye_train.data.manifest import load_manifest
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.loader.planned import TopologyAwareLoader
+from keye_train.data.plan.cost import CostModel
+from keye_train.data.shards.index import build_index
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 from keye_train.distributed.parallel_dims import ParallelDims, shutdown_distributed
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model

@@ -11,13 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from keye_train.data.image import ImageConfig
-from keye_train.data.index import build_index, load_index, predict_tokens, read_record
-from keye_train.data.manifest import load_manifest
-from keye_train.data.sources import iter_raw, parse_raw
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.shards.index import build_index, load_index, predict_tokens, read_record
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.shards.sources import iter_raw, parse_raw
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 
 
 def main() -> None:

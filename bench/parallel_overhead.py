@@ -24,12 +24,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.fsdp import set_microbatch
 from keye_train.distributed.parallel_dims import ParallelDims, shutdown_distributed
 from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
 from keye_train.models.configs import KeyeConfig, ProjectorConfig, tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 LAYOUTS = ("dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2", "cp2", "pp2")

@@ -15,7 +15,7 @@ def _progress(message: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from keye_train.data.synth import SynthConfig, synth_dataset
+    from keye_train.data.synth.shards import SynthConfig, synth_dataset
 
     cfg = SynthConfig(
         out=Path(args.out),
@@ -36,7 +36,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _manifest_for(path: Path, kind: str | None):
-    from keye_train.data.manifest import DataConfig, SourceConfig, load_manifest
+    from keye_train.data.shards.manifest import DataConfig, SourceConfig, load_manifest
 
     if path.suffix == ".tar" or kind is not None:
         if kind is None:
@@ -47,10 +47,10 @@ def _manifest_for(path: Path, kind: str | None):
 
 def inspect_dataset(args: argparse.Namespace) -> dict:
     """Per source kind: samples, skips, token counts and visual grids of every (or the first N) sample."""
-    from keye_train.data.image import ImageConfig
-    from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-    from keye_train.data.tokenizer import load_tokenizer
-    from keye_train.data.video import VideoConfig
+    from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+    from keye_train.data.media.image import ImageConfig
+    from keye_train.data.media.video import VideoConfig
+    from keye_train.data.text.tokenizer import load_tokenizer
 
     cfg = _manifest_for(Path(args.path), args.kind)
     tokenizer_dir = args.tokenizer or cfg.tokenizer
@@ -123,7 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_video(args: argparse.Namespace) -> int:
-    from keye_train.data.video import VideoConfig, inspect_video
+    from keye_train.data.media.video import VideoConfig, inspect_video
 
     if not Path(args.file).exists():
         raise ValueError(f"video file {args.file!r} does not exist")

@@ -23,7 +23,7 @@ def _progress(message: str) -> None:
 
 def index_one(shard: str, *, tokenizer: str | None, kind: str | None) -> dict:
     """Index one shard; returns a summary (samples, errors by reason, seconds). Runs in a worker."""
-    from keye_train.data.index import build_index, load_index
+    from keye_train.data.shards.index import build_index, load_index
 
     start = time.perf_counter()
     path = build_index(shard, tokenizer=tokenizer, kind=kind)
@@ -43,7 +43,7 @@ def index_one(shard: str, *, tokenizer: str | None, kind: str | None) -> dict:
 
 def _jobs(args: argparse.Namespace) -> tuple[list[tuple[str, str | None]], str | None]:
     """(shard, kind) pairs to index and the tokenizer directory."""
-    from keye_train.data.manifest import expand_shards, load_manifest
+    from keye_train.data.shards.manifest import expand_shards, load_manifest
 
     tokenizer = args.tokenizer
     jobs: list[tuple[str, str | None]] = []
@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace) -> list:
     """Timings of ViT and LLM passes at the requested sizes (extrapolated in depth with --layers)."""
     import torch
 
-    from keye_train.data.cost import Measurement
+    from keye_train.data.plan.cost import Measurement
     from keye_train.models.configs import preset
     from keye_train.models.keye import build_model
 
@@ -220,7 +220,7 @@ def _counts(top: int, size: int) -> list[int]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from keye_train.data.cost import Measurement, fit_cost_model, fit_part, fit_residuals
+    from keye_train.data.plan.cost import Measurement, fit_cost_model, fit_part, fit_residuals
 
     if args.measurements:
         rows = json.loads(Path(args.measurements).read_text())
@@ -262,7 +262,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers: Any) -> None:
     """Register `index` and `calibrate` on a `keye-data` subparsers object."""
-    from keye_train.data.manifest import SOURCE_KINDS
+    from keye_train.data.shards.manifest import SOURCE_KINDS
 
     p = subparsers.add_parser("index", help="write <shard>.idx.jsonl indexes (offsets, sizes, tokens)")
     p.add_argument("shards", nargs="*", help="shard paths, globs or brace patterns (uncompressed tar)")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from keye_train.data.synth import SynthConfig, synth_dataset
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
 
 # The tiny model learns quickly with larger rates than the 8B recipes use.
 LR = "optim.lr={vit: 2.0e-3, projector: 5.0e-3, llm: 3.0e-3, text_tower: 2.0e-3}"

@@ -1,4 +1,4 @@
-"""`keye-ioserver`: a standalone decode/preprocess server for trainers (see keye_train/data/ioserver.py).
+"""`keye-ioserver`: a standalone decode/preprocess server for trainers (see data/ioserver/config.py).
 
 Example:
     keye-ioserver --bind tcp://0.0.0.0:5555 --workers 8 --tokenizer /data/tokenizer \\
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    from keye_train.data.ioserver_server import ServerConfig, serve
+    from keye_train.data.ioserver.server import ServerConfig, serve
 
     try:
         cfg = ServerConfig(

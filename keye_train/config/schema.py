@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from keye_train.checkpoint.manager import CheckpointConfig
-from keye_train.data.image import ImageConfig
-from keye_train.data.ioserver import IOServerConfig
-from keye_train.data.packing import OVERLONG_POLICIES
-from keye_train.data.video import VideoConfig
+from keye_train.data.ioserver.config import IOServerConfig
+from keye_train.data.loader.packing import OVERLONG_POLICIES
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
 from keye_train.distributed.context_parallel import ContextParallelConfig
 from keye_train.distributed.parallelize import ParallelizeConfig
 from keye_train.distributed.pipeline import PipelineConfig

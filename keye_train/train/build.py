@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from keye_train.config.schema import TrainConfig
-from keye_train.data.manifest import load_manifest
-from keye_train.data.packing import PackingConfig
-from keye_train.data.stream import PackedStream
-from keye_train.data.tokenizer import LoadedTokenizer, load_tokenizer
+from keye_train.data.loader.packing import PackingConfig
+from keye_train.data.loader.stream import PackedStream
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.text.tokenizer import LoadedTokenizer, load_tokenizer
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.keye import build_model
 from keye_train.models.siglip_text import SiglipTextTower
@@ -64,9 +64,9 @@ def build_stream(
 
 
 def build_indexed_loader(cfg: TrainConfig, tokenizer: LoadedTokenizer, *, dims):
-    """The topology-aware loader over the shard indexes (see data/loader.py)."""
-    from keye_train.data.cost import CostModel
-    from keye_train.data.loader import TopologyAwareLoader
+    """The topology-aware loader over the shard indexes (see data/loader/planned.py)."""
+    from keye_train.data.loader.planned import TopologyAwareLoader
+    from keye_train.data.plan.cost import CostModel
 
     data = cfg.data
     return TopologyAwareLoader(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from keye_train.data.layout import IGNORE_INDEX
+from keye_train.data.batch import IGNORE_INDEX
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Summed fp32 cross entropy over target tokens and their count.
 
-    Labels are already shifted inside each sample (data/layout.py), so no shift happens here and packed
+    Labels are already shifted inside each sample (data/batch.py), so no shift happens here and packed
     samples never predict across their boundaries. Returning the sum (not the mean) lets gradient
     accumulation divide by the number of target tokens of the whole global batch.
     """

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from keye_train.config.schema import TrainConfig
-from keye_train.data.cost import CostModel
-from keye_train.data.layout import PackedBatch
+from keye_train.data.batch import PackedBatch
+from keye_train.data.plan.cost import CostModel
 from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import parallelize

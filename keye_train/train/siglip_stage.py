@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from keye_train.checkpoint.dcp import combine_modules
-from keye_train.data.manifest import load_manifest
-from keye_train.data.pairs import PairBatch, PairStream
+from keye_train.data.loader.pairs import PairBatch, PairStream
+from keye_train.data.shards.manifest import load_manifest
 from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
 from keye_train.train.build import build_weights

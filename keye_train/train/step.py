@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from keye_train.data.layout import PackedBatch
+from keye_train.data.batch import PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.train.loss import token_cross_entropy
 

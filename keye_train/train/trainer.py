@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from keye_train.checkpoint.manager import CheckpointManager, TrainState
 from keye_train.config.schema import TrainConfig
-from keye_train.data.layout import PackedBatch
+from keye_train.data.batch import PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.train.build import (
     build_indexed_loader,

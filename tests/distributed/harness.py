@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.parallel_dims import shutdown_distributed
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 

@@ -6,12 +6,12 @@ from harness import run_ranks
 
 from keye_train.checkpoint.hf import save_keye_hf
 from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState, load_model_weights
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.fsdp import apply_fsdp
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.tensor_parallel import apply_tensor_parallel
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 pytestmark = pytest.mark.dist

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from harness import reference_run, run_ranks
 from torch.distributed.tensor import DTensor
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.context_parallel import (
     ContextParallelConfig,
     RingAttention,
@@ -40,6 +39,7 @@ from keye_train.distributed.tensor_parallel import (
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.models.rope import mrope_cos_sin
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 SEQ_LEN, STEPS, LR = 64, 2, 1e-2

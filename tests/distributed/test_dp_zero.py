@@ -19,12 +19,12 @@ import torch.distributed as dist
 from harness import run_ranks
 from torch.distributed.tensor import DTensor
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.fsdp import set_microbatch, trainable_parameters
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 pytestmark = pytest.mark.dist

@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-from keye_train.data.index import build_index
-from keye_train.data.loader import TopologyAwareLoader
-from keye_train.data.manifest import load_manifest
-from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-from keye_train.data.sources import iter_raw
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.loader.planned import TopologyAwareLoader
+from keye_train.data.shards.index import build_index
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.shards.sources import iter_raw
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 from keye_train.distributed.parallel_dims import ParallelDims
 from tests.distributed.harness import run_ranks
 

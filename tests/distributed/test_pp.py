@@ -7,8 +7,7 @@ import torch
 from harness import reference_run, run_ranks
 from torch.distributed.tensor import DTensor
 
-from keye_train.data.layout import IGNORE_INDEX
-from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.data.batch import IGNORE_INDEX
 from keye_train.distributed.context_parallel import local_visual_embeds, split_for_context_parallel
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
@@ -24,6 +23,7 @@ from keye_train.distributed.pipeline import (
 from keye_train.distributed.tensor_parallel import apply_tensor_parallel
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 STEPS, LR, SEQ_LEN, ROWS = 2, 1e-2, 64, 4

@@ -6,12 +6,12 @@ import pytest
 import torch
 from harness import run_ranks
 
-from keye_train.data.layout import IGNORE_INDEX, PackedBatch
-from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.data.batch import IGNORE_INDEX, PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 from keye_train.train.step import LanguageModelStep
 

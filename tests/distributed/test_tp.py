@@ -5,7 +5,6 @@ import torch
 from harness import reference_run, run_ranks
 from torch.distributed.tensor import DTensor
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.tensor_parallel import (
     apply_tensor_parallel,
@@ -14,6 +13,7 @@ from keye_train.distributed.tensor_parallel import (
 )
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 pytestmark = pytest.mark.dist

@@ -6,8 +6,7 @@ import torch.distributed as dist
 from harness import run_ranks
 from test_pp import ROWS, SEQ_LEN, assert_matches_reference, full_tensor, global_batch, reference_rows
 
-from keye_train.data.layout import IGNORE_INDEX
-from keye_train.data.toy_batch import toy_packed_batch
+from keye_train.data.batch import IGNORE_INDEX
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
 from keye_train.distributed.vision import (
@@ -21,6 +20,7 @@ from keye_train.distributed.vision import (
 )
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 
 STEPS, LR = 2, 1e-2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keye_train.data.synth import SynthConfig, synth_dataset
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
 
 # CPU runs: fp32 everywhere (bf16 mixed precision is the GPU default), no progress bar, no wandb.
 COMMON = [

@@ -14,8 +14,8 @@ from keye_train.checkpoint.dcp import (
 )
 from keye_train.checkpoint.hf import load_into_model, load_keye_config
 from keye_train.cli.demo import main as demo_main
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from keye_train.data.index import build_index
-from keye_train.data.loader import TopologyAwareLoader
-from keye_train.data.manifest import load_manifest
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.loader.planned import TopologyAwareLoader
+from keye_train.data.shards.index import build_index
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 from keye_train.distributed.parallel_dims import ParallelDims
 
 STEPS = 9
@@ -83,7 +83,7 @@ def test_restart_after_a_crash_replays_from_the_last_saved_state(synthetic, unin
 
 
 def test_io_config_decodes_through_the_io_path_identically(synthetic, uninterrupted):
-    from keye_train.data.ioserver import IOServerConfig
+    from keye_train.data.ioserver.config import IOServerConfig
 
     loader = make_loader(synthetic, io=IOServerConfig())  # no addresses: decode_many decodes locally
     same(run(loader, 4), uninterrupted[:4])

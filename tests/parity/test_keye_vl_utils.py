@@ -12,9 +12,9 @@ import PIL.Image
 import pytest
 import torch
 
-from keye_train.data import slowfast
-from keye_train.data.image import ImageConfig, preprocess_image, smart_resize
-from keye_train.data.video import FrameList, VideoConfig, preprocess_video
+from keye_train.data.media import slowfast
+from keye_train.data.media.image import ImageConfig, preprocess_image, smart_resize
+from keye_train.data.media.video import FrameList, VideoConfig, preprocess_video
 
 av = pytest.importorskip("av")
 cv2 = pytest.importorskip("cv2")  # keye-vl-utils imports it at module level

@@ -2,9 +2,9 @@
 
 import pytest
 
-from keye_train.data import chat
-from keye_train.data.chat import ChatOptions, ImageInfo, Segment, VideoInfo
-from keye_train.data.layout import IGNORE_INDEX, FrameSpec
+from keye_train.data.batch import IGNORE_INDEX, FrameSpec
+from keye_train.data.text import chat
+from keye_train.data.text.chat import ChatOptions, ImageInfo, Segment, VideoInfo
 
 SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 IMG6 = "<|vision_start|>" + "<|image_pad|>" * 6 + "<|vision_end|>"  # grid 4x6 -> 24 patches / 4

@@ -16,10 +16,10 @@ from keye_train.checkpoint.manager import (
     TrainState,
     load_model_weights,
 )
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.models.siglip_text import SiglipTextTower
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
 CFG = tiny()

@@ -7,14 +7,14 @@ import pytest
 
 from keye_train.cli import data as data_cli
 from keye_train.cli import data_index
-from keye_train.data import index as idx
-from keye_train.data.cost import CostModel, Measurement, fit_cost_model, fit_part, predict_sample_cost
-from keye_train.data.image import ImageConfig
-from keye_train.data.manifest import load_manifest
-from keye_train.data.pipeline import SampleEncoder
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig
+from keye_train.data.loader.encode import SampleEncoder
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.plan.cost import CostModel, Measurement, fit_cost_model, fit_part, predict_sample_cost
+from keye_train.data.shards import index as idx
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 
 TRUE = {"vit": (3e-6, 2e-9, 0.004), "llm": (5e-5, 4e-9, 0.02)}  # linear, quadratic, per-pass overhead
 SIZES = {"vit": [16, 64, 256, 1024, 4096], "llm": [128, 512, 2048, 8192]}

@@ -14,9 +14,9 @@ from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, T
 from keye_train.checkpoint.merge import merge_checkpoints, normalise_weights
 from keye_train.checkpoint.safetensors_io import iter_checkpoint
 from keye_train.cli.merge import main as merge_main
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 
 CFG = tiny()
 

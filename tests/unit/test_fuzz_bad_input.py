@@ -12,13 +12,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from keye_train.data.image import ImageConfig
-from keye_train.data.manifest import SourceConfig
-from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-from keye_train.data.synth import build_tokenizer
-from keye_train.data.synth_media import encode_image, synth_video
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.shards.manifest import SourceConfig
+from keye_train.data.synth.media import encode_image, synth_video
+from keye_train.data.synth.shards import build_tokenizer
+from keye_train.data.text.tokenizer import load_tokenizer
 
 
 def png(w, h, color=(200, 10, 10)):

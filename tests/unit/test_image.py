@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from keye_train.data.image import ImageConfig, open_image, preprocess_image, smart_resize
+from keye_train.data.media.image import ImageConfig, open_image, preprocess_image, smart_resize
 
 TOKEN = 28 * 28
 

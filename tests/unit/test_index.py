@@ -10,15 +10,15 @@ import pytest
 import webdataset as wds
 
 from keye_train.cli import data as data_cli
-from keye_train.data import index as idx
-from keye_train.data.image import ImageConfig
-from keye_train.data.manifest import SourceConfig, load_manifest
-from keye_train.data.pipeline import SampleEncoder
-from keye_train.data.sources import iter_raw, parse_raw
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.synth_media import encode_image, synth_image
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig
+from keye_train.data.loader.encode import SampleEncoder
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.shards import index as idx
+from keye_train.data.shards.manifest import SourceConfig, load_manifest
+from keye_train.data.shards.sources import iter_raw, parse_raw
+from keye_train.data.synth.media import encode_image, synth_image
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

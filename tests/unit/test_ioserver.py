@@ -15,18 +15,18 @@ import webdataset as wds
 import zmq
 
 from keye_train.cli.ioserver import _key_values
-from keye_train.data import ioserver_protocol as proto
-from keye_train.data.image import ImageConfig
-from keye_train.data.index import build_index, load_index
-from keye_train.data.ioserver import DecodeRequest, IOClient, IOServerConfig, Skip, decode_many
-from keye_train.data.ioserver_local import LocalServer
-from keye_train.data.ioserver_server import ServerConfig
-from keye_train.data.layout import EncodedSample
-from keye_train.data.manifest import SourceConfig, load_manifest
-from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-from keye_train.data.sources import iter_raw
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.batch import EncodedSample
+from keye_train.data.ioserver import protocol as proto
+from keye_train.data.ioserver.config import DecodeRequest, IOClient, IOServerConfig, Skip, decode_many
+from keye_train.data.ioserver.server import ServerConfig
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.shards.index import build_index, load_index
+from keye_train.data.shards.manifest import SourceConfig, load_manifest
+from keye_train.data.shards.sources import iter_raw
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
+from keye_train.testing.ioserver_local import LocalServer
 
 FIELDS = ("input_ids", "labels", "position_ids", "pixel_values", "grid_thw")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from keye_train.data.mixture import Mixture
+from keye_train.data.plan.mixture import Mixture
 
 
 @dataclass

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 from keye_train.train.optim import (
     GroupLR,

@@ -6,14 +6,14 @@ import pytest
 import webdataset as wds
 import yaml
 
-from keye_train.data.cost import CostModel
-from keye_train.data.image import ImageConfig
-from keye_train.data.index import build_index
-from keye_train.data.manifest import load_manifest
-from keye_train.data.order import GlobalOrder, build_tables
-from keye_train.data.sources import iter_raw
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.video import VideoConfig
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.plan.cost import CostModel
+from keye_train.data.plan.order import GlobalOrder, build_tables
+from keye_train.data.shards.index import build_index
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.shards.sources import iter_raw
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
 
 LENGTHS = {"short": (10, 30), "medium": (40, 80), "long": (100, 200)}  # words per text sample
 SHARES = {"short": 0.2, "medium": 0.3, "long": 0.5}

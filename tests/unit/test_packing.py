@@ -2,8 +2,8 @@
 
 import torch
 
-from keye_train.data.layout import IGNORE_INDEX, EncodedSample
-from keye_train.data.packing import Packer, PackingConfig, build_batch, pack
+from keye_train.data.batch import IGNORE_INDEX, EncodedSample
+from keye_train.data.loader.packing import Packer, PackingConfig, build_batch, pack
 from keye_train.models.rope import mrope_position_ids
 
 VS, VE, PAD_IMG = 900, 901, 902  # vision start/end and image pad ids of these hand-made samples

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from keye_train.data.image import ImageConfig
-from keye_train.data.manifest import SourceConfig, load_manifest, parse_manifest
-from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-from keye_train.data.sources import iter_raw, iter_records
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.synth_media import COLORS
-from keye_train.data.tokenizer import load_tokenizer
-from keye_train.data.video import VideoConfig
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
+from keye_train.data.shards.manifest import SourceConfig, load_manifest, parse_manifest
+from keye_train.data.shards.sources import iter_raw, iter_records
+from keye_train.data.synth.media import COLORS
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 from keye_train.models.configs import tiny
 
 

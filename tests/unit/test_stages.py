@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from keye_train.checkpoint.hf_config import keye_config_to_hf
-from keye_train.data.toy_batch import toy_packed_batch
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.models.siglip_text import SiglipTextTower
+from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 from keye_train.train.optim import OptimConfig, build_optimizer
 from keye_train.train.stages import StageConfig, apply_stage, reset_rope_theta, stage_preset

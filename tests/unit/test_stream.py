@@ -2,11 +2,11 @@
 
 import pytest
 
-from keye_train.data.manifest import load_manifest
-from keye_train.data.packing import PackingConfig
-from keye_train.data.stream import PackedStream
-from keye_train.data.synth import SynthConfig, synth_dataset
-from keye_train.data.tokenizer import load_tokenizer
+from keye_train.data.loader.packing import PackingConfig
+from keye_train.data.loader.stream import PackedStream
+from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.synth.shards import SynthConfig, synth_dataset
+from keye_train.data.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

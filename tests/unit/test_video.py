@@ -10,8 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from keye_train.data import slowfast
-from keye_train.data.video import FrameList, VideoConfig, inspect_video, preprocess_video, resize_video
+from keye_train.data.media import slowfast
+from keye_train.data.media.video import FrameList, VideoConfig, inspect_video, preprocess_video, resize_video
 
 av = pytest.importorskip("av")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from keye_train.data.index import IndexEntry
+    from keye_train.data.shards.index import IndexEntry
 
 
 @dataclass
@@ -58,7 +58,7 @@ class CostModel:
 
 def predict_sample_cost(entry: IndexEntry, *, cost_model: CostModel, image_cfg: Any, video_cfg: Any) -> float:
     """Cost of an indexed sample from its predicted tokens and frame patches (nothing is decoded)."""
-    from keye_train.data.index import predict_tokens
+    from keye_train.data.shards.index import predict_tokens
 
     tokens, patches = predict_tokens(entry, image_cfg=image_cfg, video_cfg=video_cfg)
     return cost_model.sample_cost(tokens=tokens, frame_patches=patches)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from keye_train.data.image import resize_frames, smart_resize
+from keye_train.data.media.image import resize_frames, smart_resize
 
 if TYPE_CHECKING:
-    from keye_train.data.video import VideoConfig
+    from keye_train.data.media.video import VideoConfig
 
 try:  # optional: ~100x faster HSV conversion, bit-identical to the numpy fallback below
     import cv2

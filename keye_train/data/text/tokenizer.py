@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from keye_train.data import layout
+from keye_train.data import batch as layout
 
 log = logging.getLogger(__name__)
 

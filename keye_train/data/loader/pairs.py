@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from keye_train.data.image import ImageConfig, preprocess_image
-from keye_train.data.manifest import DataConfig
-from keye_train.data.pipeline import SkipCounter, decode_image
-from keye_train.data.sources import iter_records
-from keye_train.data.stream import EpochStream, StreamState
-from keye_train.data.tokenizer import LoadedTokenizer
+from keye_train.data.loader.encode import SkipCounter, decode_image
+from keye_train.data.loader.stream import EpochStream, StreamState
+from keye_train.data.media.image import ImageConfig, preprocess_image
+from keye_train.data.shards.manifest import DataConfig
+from keye_train.data.shards.sources import iter_records
+from keye_train.data.text.tokenizer import LoadedTokenizer
 
 
 @dataclass

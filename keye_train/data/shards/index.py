@@ -15,11 +15,12 @@ from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from keye_train.data import chat, layout
-from keye_train.data.manifest import SOURCE_KINDS, SourceConfig
-from keye_train.data.sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, parse_raw
-from keye_train.data.tokenizer import SPECIAL_TOKENS, LoadedTokenizer, load_tokenizer
-from keye_train.data.video_decode import video_stream_header
+from keye_train.data import batch as layout
+from keye_train.data.media.video_decode import video_stream_header
+from keye_train.data.shards.manifest import SOURCE_KINDS, SourceConfig
+from keye_train.data.shards.sources import IMAGE_EXTS, VIDEO_EXTS, RawRecord, parse_raw
+from keye_train.data.text import chat
+from keye_train.data.text.tokenizer import SPECIAL_TOKENS, LoadedTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _video_meta(data: bytes, member: str) -> dict:
 
 
 def _rendered_text(rec: RawRecord, images: list, videos: list, options: chat.ChatOptions) -> list[str]:
-    from keye_train.data.pipeline import SampleEncoder
+    from keye_train.data.loader.encode import SampleEncoder
 
     # SampleEncoder.render is the encoder's own template code; using it keeps the count in step with
     # it. Rendering needs no tokenizer, hence None.
@@ -364,7 +365,7 @@ def read_record(
 
 
 # Prediction lives beside the index (its own file for size); importable from here as the interface says.
-from keye_train.data.index_predict import VIDEO_SPLITS, image_patches, predict_tokens, video_tokens  # noqa: E402
+from keye_train.data.shards.predict import VIDEO_SPLITS, image_patches, predict_tokens, video_tokens  # noqa: E402
 
 __all__ = [
     "INDEX_SUFFIX",

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from keye_train.data import chat
-from keye_train.data.image import open_image
-from keye_train.data.layout import EncodedSample
-from keye_train.data.manifest import SourceConfig
-from keye_train.data.sources import RawRecord, iter_records
-from keye_train.data.tokenizer import LoadedTokenizer
+from keye_train.data.batch import EncodedSample
+from keye_train.data.media.image import open_image
+from keye_train.data.shards.manifest import SourceConfig
+from keye_train.data.shards.sources import RawRecord, iter_records
+from keye_train.data.text import chat
+from keye_train.data.text.tokenizer import LoadedTokenizer
 from keye_train.models.rope import mrope_position_ids
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class SampleEncoder:
         options: chat.ChatOptions | None = None,
     ) -> None:
         # Imported here so that this module loads (and its text paths work) wherever image/video do not.
-        from keye_train.data.image import ImageConfig
-        from keye_train.data.video import VideoConfig
+        from keye_train.data.media.image import ImageConfig
+        from keye_train.data.media.video import VideoConfig
 
         self.tok = tokenizer
         self.image_cfg = image_cfg if image_cfg is not None else ImageConfig()
@@ -113,8 +113,8 @@ class SampleEncoder:
         self.options = options if options is not None else chat.ChatOptions()
 
     def _media(self, rec: RawRecord):
-        from keye_train.data.image import preprocess_image
-        from keye_train.data.video import preprocess_video
+        from keye_train.data.media.image import preprocess_image
+        from keye_train.data.media.video import preprocess_video
 
         images, videos, pixels, grids = [], [], [], []
         for member, kind, data in rec.media:

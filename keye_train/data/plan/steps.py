@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keye_train.data.balance import METHODS, BatchPlan, PlanItem, plan_batch
-from keye_train.data.order import GlobalOrder, SampleRef
+from keye_train.data.plan.balance import METHODS, BatchPlan, PlanItem, plan_batch
+from keye_train.data.plan.order import GlobalOrder, SampleRef
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from keye_train.data.ioserver_client import IOClient
-from keye_train.data.ioserver_protocol import DecodeRequest, Skip, decode_request
-from keye_train.data.layout import EncodedSample
+from keye_train.data.batch import EncodedSample
+from keye_train.data.ioserver.client import IOClient
+from keye_train.data.ioserver.protocol import DecodeRequest, Skip, decode_request
 
 __all__ = ["DecodeRequest", "IOClient", "IOServerConfig", "Skip", "decode_many", "decode_request"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from keye_train.data import ioserver_protocol as proto
+from keye_train.data.ioserver import protocol as proto
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class ServerConfig:
 
 def build_encoder(cfg: ServerConfig, *, tokenizer_only: bool = False, check_only: bool = False) -> Any:
     """The SampleEncoder the server's workers run (check_only: validate the configs, load nothing)."""
-    from keye_train.data.chat import ChatOptions
-    from keye_train.data.image import ImageConfig
-    from keye_train.data.pipeline import SampleEncoder
-    from keye_train.data.tokenizer import load_tokenizer
-    from keye_train.data.video import VideoConfig
+    from keye_train.data.loader.encode import SampleEncoder
+    from keye_train.data.media.image import ImageConfig
+    from keye_train.data.media.video import VideoConfig
+    from keye_train.data.text.chat import ChatOptions
+    from keye_train.data.text.tokenizer import load_tokenizer
 
     configs = {}
     for key, cls, kwargs in (("image", ImageConfig, cfg.image), ("video", VideoConfig, cfg.video)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from keye_train.data.layout import IGNORE_INDEX
+from keye_train.data.batch import IGNORE_INDEX
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.keye import position_ids_for
 
@@ -14,7 +14,7 @@ def toy_packed_batch(cfg: KeyeConfig, *, seed: int = 0, seq_len: int | None = No
     """Three samples in one sequence (an image caption, a slow+fast 2-frame video, pure text).
 
     With seq_len, the sequence is padded to that fixed length (a segment of its own, no loss), which is
-    what pipeline and context parallelism need. Labels are shifted inside each sample (data/layout.py).
+    what pipeline and context parallelism need. Labels are shifted inside each sample (data/batch.py).
     """
     generator = torch.Generator().manual_seed(seed)
     img, vid = cfg.image_token_id, cfg.video_token_id

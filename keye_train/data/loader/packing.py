@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from keye_train.data.layout import IGNORE_INDEX, EncodedSample, PackedBatch
+from keye_train.data.batch import IGNORE_INDEX, EncodedSample, PackedBatch
 
 log = logging.getLogger(__name__)
 

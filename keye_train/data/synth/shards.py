@@ -13,9 +13,9 @@ import webdataset as wds
 import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from keye_train.data import layout
-from keye_train.data.synth_media import WORDS, SynthImage, encode_image, synth_image, synth_video
-from keye_train.data.tokenizer import SPECIAL_TOKENS
+from keye_train.data import batch as layout
+from keye_train.data.synth.media import WORDS, SynthImage, encode_image, synth_image, synth_video
+from keye_train.data.text.tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from keye_train.data.layout import PackedBatch
-from keye_train.data.manifest import DataConfig
-from keye_train.data.mixture import Mixture
-from keye_train.data.packing import PackingConfig, pack
-from keye_train.data.pipeline import SampleEncoder, SkipCounter, iter_source_samples
-from keye_train.data.tokenizer import LoadedTokenizer
+from keye_train.data.batch import PackedBatch
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.loader.packing import PackingConfig, pack
+from keye_train.data.plan.mixture import Mixture
+from keye_train.data.shards.manifest import DataConfig
+from keye_train.data.text.tokenizer import LoadedTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from keye_train.data.image import open_image, resize_image_bicubic, smart_resize, to_rgb
+from keye_train.data.media.image import open_image, resize_image_bicubic, smart_resize, to_rgb
 
 DECODERS = ("auto", "pyav", "decord")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from keye_train.data import slowfast
-from keye_train.data.image import ImageConfig
-from keye_train.data.video import VideoConfig
+from keye_train.data.media import slowfast
+from keye_train.data.media.image import ImageConfig
+from keye_train.data.media.video import VideoConfig
 
 if TYPE_CHECKING:
-    from keye_train.data.index import IndexEntry
+    from keye_train.data.shards.index import IndexEntry
 
 
 VIDEO_SPLITS = ("upper_bound", "all_slow")

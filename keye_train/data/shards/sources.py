@@ -10,7 +10,7 @@ from typing import Any
 
 import webdataset as wds
 
-from keye_train.data.manifest import SourceConfig
+from keye_train.data.shards.manifest import SourceConfig
 
 log = logging.getLogger(__name__)
 

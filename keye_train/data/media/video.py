@@ -12,10 +12,10 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from keye_train.data import slowfast
-from keye_train.data.image import check_pixel_stats, normalize_patchify, resize_frames
-from keye_train.data.layout import FrameSpec
-from keye_train.data.video_decode import DECODERS, DecodedFrames, decode_video, load_frame_list
+from keye_train.data.batch import FrameSpec
+from keye_train.data.media import slowfast
+from keye_train.data.media.image import check_pixel_stats, normalize_patchify, resize_frames
+from keye_train.data.media.video_decode import DECODERS, DecodedFrames, decode_video, load_frame_list
 
 
 def _require(condition: bool, message: str) -> None:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from keye_train.data import grounding, layout
-from keye_train.data.layout import IGNORE_INDEX, FrameSpec
+from keye_train.data import batch as layout
+from keye_train.data.batch import IGNORE_INDEX, FrameSpec
+from keye_train.data.text import grounding
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 THINK_MODES = (None, "think", "no_think")

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from keye_train.data.layout import EncodedSample
-from keye_train.data.manifest import SOURCE_KINDS, SourceConfig
-from keye_train.data.sources import RawRecord, parse_raw
+from keye_train.data.batch import EncodedSample
+from keye_train.data.shards.manifest import SOURCE_KINDS, SourceConfig
+from keye_train.data.shards.sources import RawRecord, parse_raw
 
 PROTOCOL_VERSION = 1
 TENSOR_FIELDS = ("input_ids", "labels", "position_ids", "pixel_values", "grid_thw")
@@ -98,7 +98,7 @@ def read_request_record(req: DecodeRequest) -> RawRecord:
         return req.record
     if req.raw is not None:
         return parse_raw({**req.raw, "__key__": req.key}, source=_source_cfg(req))
-    from keye_train.data.index import read_record  # the shard index (imported only where it is used)
+    from keye_train.data.shards.index import read_record  # the shard index (imported only where it is used)
 
     return read_record(req.shard, req.entry, source=_source_cfg(req))
 
@@ -205,7 +205,7 @@ def _entry_to_json(entry: Any) -> Any:
 
 
 def _entry_from_json(data: Any) -> Any:
-    from keye_train.data import index
+    from keye_train.data.shards import index
 
     if not isinstance(data, dict):
         raise ProtocolError(f"index entry {str(data)[:80]!r} must be a JSON object")

@@ -13,15 +13,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from keye_train.data.cost import CostModel
-from keye_train.data.ioserver_protocol import DecodeRequest, Skip
-from keye_train.data.layout import EncodedSample, PackedBatch
-from keye_train.data.loader_pack import Decoder, pack_planned
-from keye_train.data.loader_state import PlannedStep, StepPlanner
-from keye_train.data.manifest import DataConfig
-from keye_train.data.order import GlobalOrder, SampleRef, build_tables
-from keye_train.data.packing import OVERLONG_POLICIES
-from keye_train.data.pipeline import SampleEncoder, SkipCounter
+from keye_train.data.batch import EncodedSample, PackedBatch
+from keye_train.data.ioserver.protocol import DecodeRequest, Skip
+from keye_train.data.loader.decode import Decoder, pack_planned
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter
+from keye_train.data.loader.packing import OVERLONG_POLICIES
+from keye_train.data.plan.cost import CostModel
+from keye_train.data.plan.order import GlobalOrder, SampleRef, build_tables
+from keye_train.data.plan.steps import PlannedStep, StepPlanner
+from keye_train.data.shards.manifest import DataConfig
 from keye_train.distributed.parallel_dims import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class TopologyAwareLoader:
 
 
 class _IODecode:
-    """Decode on the I/O servers (keye_train.data.ioserver) over one long-lived client.
+    """Decode on the I/O servers (keye_train.data.ioserver.config) over one long-lived client.
 
     The client (ZeroMQ sockets) is made on first use, in the thread that decodes, and closed with the
     loader. A config without addresses decodes locally through the same function.
@@ -290,7 +290,7 @@ class _IODecode:
         self.io, self.encoder, self.client = io, encoder, None
 
     def __call__(self, requests: Sequence[DecodeRequest]) -> list[EncodedSample | Skip]:
-        from keye_train.data.ioserver import IOClient, decode_many
+        from keye_train.data.ioserver.config import IOClient, decode_many
 
         if self.client is None and self.io.addresses:
             self.client = IOClient.from_config(self.io, encoder=self.encoder)

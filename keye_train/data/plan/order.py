@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from keye_train.data.cost import CostModel
-from keye_train.data.manifest import DataConfig, SourceConfig
-from keye_train.data.mixture import Mixture
+from keye_train.data.plan.cost import CostModel
+from keye_train.data.plan.mixture import Mixture
+from keye_train.data.shards.manifest import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _SourceTable:
 
 def _default_index() -> tuple[Callable, Callable]:
     # Imported lazily: the index module pulls in PIL/PyAV header readers that planning-free ranks skip.
-    from keye_train.data.index import load_index, predict_tokens
+    from keye_train.data.shards.index import load_index, predict_tokens
 
     return load_index, predict_tokens
 
@@ -139,7 +139,7 @@ class GlobalOrder:
     """Per source a seeded permutation of its (shard, entry) pairs each epoch, mixed to the target shares.
 
     The mixture uses predicted tokens (or sample counts when the manifest gives weights) and the lag rule
-    of data/mixture.py. The position is an epoch plus one cursor per source; `bases` are the cursors at
+    of data/plan/mixture.py. The position is an epoch plus one cursor per source; `bases` are the cursors at
     which the current shares took effect (the lag counts from there), so a new stage with new shares
     continues every source at its own cursor. The state never depends on workers or DP size.
     """

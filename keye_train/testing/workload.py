@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import random
 
-from keye_train.data.balance import PlanItem
-from keye_train.data.cost import CostModel
+from keye_train.data.plan.balance import PlanItem
+from keye_train.data.plan.cost import CostModel
 
 PATCHES_PER_TOKEN = 4  # one LLM token = a 2x2 merge of 14x14 patches
 

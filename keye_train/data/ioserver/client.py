@@ -12,9 +12,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from keye_train.data import ioserver_protocol as proto
-from keye_train.data.ioserver_protocol import DecodeRequest, Skip
-from keye_train.data.layout import EncodedSample
+from keye_train.data.batch import EncodedSample
+from keye_train.data.ioserver import protocol as proto
+from keye_train.data.ioserver.protocol import DecodeRequest, Skip
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from keye_train.data.ioserver_protocol import DecodeRequest, Skip, decode_request
-from keye_train.data.layout import EncodedSample, PackedBatch
-from keye_train.data.packing import build_batch, truncate_text
-from keye_train.data.pipeline import SampleEncoder, SkipCounter
+from keye_train.data.batch import EncodedSample, PackedBatch
+from keye_train.data.ioserver.protocol import DecodeRequest, Skip, decode_request
+from keye_train.data.loader.encode import SampleEncoder, SkipCounter
+from keye_train.data.loader.packing import build_batch, truncate_text
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Decoding on remote I/O servers: config, wire protocol, server and client."""

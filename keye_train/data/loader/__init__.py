@@ -1,0 +1,1 @@
+"""Loading planned steps: encode records, decode on workers or I/O servers, pack microbatches."""

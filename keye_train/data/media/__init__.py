@@ -1,0 +1,1 @@
+"""Media decoding and preprocessing: images, videos, SlowFast frame planning."""

@@ -1,0 +1,1 @@
+"""Planning before loading: cost model, global order, mixtures, balance over ranks, step plans."""

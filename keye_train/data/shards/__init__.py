@@ -1,0 +1,1 @@
+"""Webdataset shards: source readers, the manifest, and the header-only shard index."""

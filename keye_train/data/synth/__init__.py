@@ -1,0 +1,1 @@
+"""Synthetic shards and media with known content, for demos and tests."""

@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and the demo: in-memory batches, synthetic workloads, a local I/O server."""
