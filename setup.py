@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="Distributed pre-training of Keye-VL-1.5-style multimodal models",
     packages=find_packages(include=["keye_train", "keye_train.*"]),
+    # The chat template copied into every Hugging Face export (keye-convert export).
+    package_data={"keye_train.checkpoint.remote": ["*.jinja"]},
     python_requires=">=3.11",
     # torch is not pinned here: GPU clusters bring their own build. On a CPU machine `make install`
     # installs torch==2.13.0 first so that nothing pulls CUDA wheels.

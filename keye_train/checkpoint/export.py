@@ -14,6 +14,7 @@ from keye_train.checkpoint.dcp import (
     iter_model_tensors,
     make_meta,
     model_tensor_specs,
+    read_meta,
     resolve_checkpoint,
     saved_keye_config,
     write_model_checkpoint,
@@ -27,34 +28,33 @@ from keye_train.checkpoint.hf import (
     load_keye_config,
     save_keye_hf,
 )
+from keye_train.checkpoint.hf_bundle import write_bundle
 from keye_train.checkpoint.safetensors_io import ShardedWriter, iter_checkpoint, parse_dtype, read_layout
 from keye_train.models.configs import TextTowerConfig
 
-# What a Hugging Face tokenizer dir may hold; copied verbatim beside the weights.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "generation_config.json",
-)
 
-
-def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+def _check_tokenizer_dir(tokenizer_dir: Path) -> Path:
     if not tokenizer_dir.is_dir():
         raise ValueError(f"tokenizer dir {tokenizer_dir} does not exist")
-    files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
-    if not any(f.name.startswith("tokenizer") for f in files):
+    if not any(
+        (tokenizer_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         raise ValueError(
-            f"tokenizer dir {tokenizer_dir} holds no tokenizer.json / tokenizer_config.json / tokenizer.model"
+            f"tokenizer dir {tokenizer_dir} holds no tokenizer.json / tokenizer_config.json / vocab.json"
         )
-    return files
+    return tokenizer_dir
+
+
+def run_tokenizer_dir(source: Path) -> Path | None:
+    """The tokenizer dir the run trained with (data.tokenizer of its resolved config), when it exists."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(read_meta(source).get("config_yaml") or "") or {}
+    except (ValueError, yaml.YAMLError):
+        return None
+    path = ((config.get("data") or {}) if isinstance(config, dict) else {}).get("tokenizer")
+    return Path(path) if path and Path(path).is_dir() else None
 
 
 def _write_text_tower(
@@ -95,16 +95,20 @@ def export_to_hf(
 ) -> Path:
     """A keye_train checkpoint (step dir, `final` dir or stage dir) -> a Keye-VL-1.5 Hugging Face dir.
 
-    config.json comes from the KeyeConfig saved in the checkpoint. Tensors are read about `group_bytes` at
-    a time and written shard by shard; everything is staged beside `out_dir` and renamed into place only
-    when complete, so a failure leaves no `out_dir` at all.
+    config.json comes from the KeyeConfig saved in the checkpoint. Beside the weights go the remote code
+    transformers loads with `trust_remote_code=True`, generation / preprocessor configs and the tokenizer
+    with our chat template (`tokenizer_dir`, default: the run's data.tokenizer). Tensors are read about
+    `group_bytes` at a time and written shard by shard; everything is staged beside `out_dir` and renamed
+    into place only when complete, so a failure leaves no `out_dir` at all.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
-    tokenizer = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
+    tokenizer = _check_tokenizer_dir(Path(tokenizer_dir)) if tokenizer_dir is not None else None
     source = resolve_checkpoint(ckpt_dir, log=log)
     cfg = saved_keye_config(source)
+    if tokenizer is None and (tokenizer := run_tokenizer_dir(source)) is not None:
+        log(f"export: using the run's tokenizer {tokenizer}")
     expected = expected_keye_layout(cfg)
     specs = model_tensor_specs(source)
     # Stage 0 trains the SigLIP text tower beside the model: it goes to siglip_text/, as keye-convert init
@@ -131,13 +135,12 @@ def export_to_hf(
             _write_text_tower(
                 source, tower_keys, cfg.text_tower, staging / TEXT_TOWER_DIR, dtype=dtype, log=log
             )
-        for file in tokenizer:
-            shutil.copy2(file, staging / file.name)
+        write_bundle(staging, cfg=cfg, tokenizer_dir=tokenizer, log=log)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"export: wrote {out_dir}" + (f" with {len(tokenizer)} tokenizer files" if tokenizer else ""))
+    log(f"export: wrote {out_dir}" + (f" with the tokenizer of {tokenizer}" if tokenizer else ""))
     return out_dir
 
 

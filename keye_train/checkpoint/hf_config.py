@@ -37,6 +37,21 @@ _SIGLIP_VISION_DEFAULTS = {
     "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
     "num_channels": 3, "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6, "vision_use_head": True,
 }  # fmt: skip
+# What the Keye team's transformers port assumes for LLM fields a Keye config.json leaves out (KEYE_SPEC:
+# "Reading a config.json as the reference implementation does"); a Qwen3 config.json takes Qwen3Config's.
+KEYE_TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768}
+QWEN3_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768}
+VISION_ROPE_THETA = 10000.0  # vision_config.rope_theta when absent
+HEAD_PREFIX = "visual.vision_model.head."
+PACKING_KEY = "visual.vision_model.embeddings.packing_position_embedding.weight"
+# Remote code shipped with every export (keye_train/checkpoint/remote/); config.json points at it.
+AUTO_MAP = {
+    "AutoConfig": "configuration_keye_vl1_5.KeyeVL1_5Config",
+    "AutoModel": "modeling_keye_vl1_5.KeyeVL1_5ForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_keye_vl1_5.KeyeVL1_5ForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_keye_vl1_5.KeyeVL1_5ForConditionalGeneration",
+    "AutoProcessor": "processing_keye_vl1_5.KeyeVL1_5Processor",
+}
 _SIGLIP_TEXT_DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
     "num_attention_heads": 12, "max_position_embeddings": 64, "layer_norm_eps": 1e-6,
@@ -76,6 +91,7 @@ def vision_config_from_siglip(config: Mapping[str, Any]) -> VisionConfig:
         num_channels=get("num_channels"),
         layer_norm_eps=get("layer_norm_eps"),
         use_head=bool(get("vision_use_head")),
+        rope_theta=float(vision.get("rope_theta") or VISION_ROPE_THETA),
         **kwargs,
     )
 
@@ -104,8 +120,13 @@ def default_mrope_section(head_dim: int) -> tuple[int, int, int]:
     return (t, h, half - t - h)
 
 
-def language_config_from_qwen3(config: Mapping[str, Any]) -> LanguageConfig:
-    """LanguageConfig from a Qwen3Config dict or the flat LLM fields of a Keye config.json."""
+def language_config_from_qwen3(
+    config: Mapping[str, Any], *, defaults: Mapping[str, Any] = QWEN3_DEFAULTS
+) -> LanguageConfig:
+    """LanguageConfig from a Qwen3Config dict or the flat LLM fields of a Keye config.json.
+
+    `defaults` fill absent fields: QWEN3_DEFAULTS (Qwen3Config's) or KEYE_TEXT_DEFAULTS (the Keye port's).
+    """
     missing = [
         k
         for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -115,7 +136,12 @@ def language_config_from_qwen3(config: Mapping[str, Any]) -> LanguageConfig:
         raise ValueError(f"config lacks the LLM fields {missing}; is this a Qwen3 / Keye config.json?")
     rope = config.get("rope_scaling") or {}
     parameters = config.get("rope_parameters") or {}  # transformers 5 spelling
-    theta = config.get("rope_theta") or parameters.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    theta = (
+        config.get("rope_theta")
+        or parameters.get("rope_theta")
+        or rope.get("rope_theta")
+        or defaults["rope_theta"]
+    )
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     section = rope.get("mrope_section") or parameters.get("mrope_section") or default_mrope_section(head_dim)
     return LanguageConfig(
@@ -126,9 +152,10 @@ def language_config_from_qwen3(config: Mapping[str, Any]) -> LanguageConfig:
         num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
         head_dim=head_dim,
         intermediate_size=config["intermediate_size"],
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=float(_get(config, defaults, "rms_norm_eps")),
         rope_theta=float(theta),
         mrope_section=tuple(section),
+        max_position_embeddings=int(_get(config, defaults, "max_position_embeddings")),
     )
 
 
@@ -144,6 +171,7 @@ def keye_config_to_hf(
     out: dict[str, Any] = {
         "architectures": [KEYE_ARCH],
         "model_type": KEYE_MODEL_TYPE,
+        "auto_map": dict(AUTO_MAP),
         "vocab_size": lang.vocab_size,
         "hidden_size": lang.hidden_size,
         "intermediate_size": lang.intermediate_size,
@@ -155,14 +183,18 @@ def keye_config_to_hf(
         "attention_bias": False,
         "rms_norm_eps": lang.rms_norm_eps,
         "rope_theta": lang.rope_theta,
+        "max_position_embeddings": lang.max_position_embeddings,
         "rope_scaling": {
             "type": "default",
             "rope_type": "default",
             "mrope_section": list(lang.mrope_section),
         },
         "tie_word_embeddings": False,
+        "use_cache": True,
         "torch_dtype": dtype_name(parse_dtype(dtype)),
         **{name: getattr(cfg, name) for name in _TOKEN_ID_FIELDS},
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
         "vision_config": {
             "model_type": "siglip_vision_model",
             "hidden_size": vis.hidden_size,
@@ -177,6 +209,8 @@ def keye_config_to_hf(
             "vision_use_head": vis.use_head,
             "spatial_merge_size": cfg.projector.merge_size,
             "num_packing_positions": vis.num_packing_positions,
+            "rope_theta": vis.rope_theta,
+            "use_rope": vis.use_rope,
         },
     }
     for key, value in (extra or {}).items():
@@ -212,10 +246,15 @@ def keye_config_from_hf(
             "the Keye config.json has no `vision_config`; it is not a complete Keye-VL-1.5 config"
         )
     vision = vision_config_from_siglip(config["vision_config"])
-    packing = (shapes or {}).get("visual.vision_model.embeddings.packing_position_embedding.weight")
-    if packing is not None and "num_packing_positions" not in config["vision_config"]:
-        vision.num_packing_positions = int(packing[0])
-    language = language_config_from_qwen3(config)
+    if "use_rope" in config["vision_config"]:
+        vision.use_rope = bool(config["vision_config"]["use_rope"])
+    if shapes is not None:
+        # The tensors decide whether the unused packing table and pooling head exist: the transformers
+        # port writes checkpoints without them, the released one has both.
+        packing = shapes.get(PACKING_KEY)
+        vision.num_packing_positions = int(packing[0]) if packing is not None else 0
+        vision.use_head = any(k.startswith(HEAD_PREFIX) for k in shapes)
+    language = language_config_from_qwen3(config, defaults=KEYE_TEXT_DEFAULTS)
     projector = ProjectorConfig(
         vision_hidden_size=vision.hidden_size,
         text_hidden_size=language.hidden_size,
@@ -223,4 +262,9 @@ def keye_config_from_hf(
     )
     tower = text_tower_config_from_siglip(text_tower) if text_tower is not None else TextTowerConfig()
     ids = {name: config[name] for name in _TOKEN_ID_FIELDS if config.get(name) is not None}
+    for name in ("bos_token_id", "eos_token_id"):
+        value = config.get(name)
+        if isinstance(value, list):  # generation configs may list several eos ids; the first is ChatML's
+            value = value[0] if value else None
+        ids[name] = value
     return KeyeConfig(vision=vision, projector=projector, language=language, text_tower=tower, **ids)

@@ -25,6 +25,7 @@ from keye_train.checkpoint.hf import (
     text_tower_config_from_siglip,
     vision_config_from_siglip,
 )
+from keye_train.checkpoint.hf_config import PACKING_KEY
 from keye_train.checkpoint.safetensors_io import (
     ShardedWriter,
     TensorInfo,
@@ -36,7 +37,6 @@ from keye_train.checkpoint.safetensors_io import (
 )
 from keye_train.models.configs import KeyeConfig, ProjectorConfig
 
-PACKING_KEY = "visual.vision_model.embeddings.packing_position_embedding.weight"
 # Fields of the source Qwen3 config.json that keye_train does not model but inference stacks read.
 _QWEN3_PASSTHROUGH = ("bos_token_id", "eos_token_id", "max_position_embeddings", "initializer_range")
 _TOKENIZER_NAMES = {
@@ -94,6 +94,8 @@ def init_config(
         )
     vision = vision_config_from_siglip(siglip)
     language = language_config_from_qwen3(qwen3)
+    # bos/eos are the Qwen3 config's (absent: unknown), so the export carries what the LLM was trained with.
+    special = {name: _first(qwen3.get(name)) for name in ("bos_token_id", "eos_token_id")}
     projector = ProjectorConfig(vision_hidden_size=vision.hidden_size, text_hidden_size=language.hidden_size)
     try:
         return KeyeConfig(
@@ -101,7 +103,7 @@ def init_config(
             projector=projector,
             language=language,
             text_tower=text_tower_config_from_siglip(siglip),
-            **dict(token_ids or {}),
+            **(special | dict(token_ids or {})),
         )
     except ValueError as err:
         if "token_id" not in str(err):
@@ -109,6 +111,13 @@ def init_config(
         raise ValueError(
             f"{err}: pass --token-ids, or keep the Qwen3 tokenizer_config.json beside its weights"
         ) from err
+
+
+def _first(value: Any) -> int | None:
+    """A token id, or the first of a list of them (Qwen3 generation configs list several eos ids)."""
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
 
 
 def check_preset_sizes(cfg: KeyeConfig, preset_cfg: KeyeConfig) -> None:

@@ -1,4 +1,8 @@
-"""Typed configs of the model components, validated at construction, with the keye_8b and tiny presets."""
+"""Typed configs of the model components, validated at construction, and the model presets.
+
+Presets: keye_8b (the released sizes), the pilot sizes keye_2b / keye_1b (SigLIP so400m with the public
+Qwen3-1.7B / Qwen3-0.6B shapes), and tiny (tests and the CPU demo).
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     use_rope: bool = True  # 2D RoPE on q/k; off reproduces plain SigLIP
     rope_theta: float = 10000.0
-    num_packing_positions: int = 32768  # `packing_position_embedding`, unused but carried through conversion
+    # `packing_position_embedding`: unused by the VLM but carried through conversion; 0 when a checkpoint
+    # (e.g. one written by the transformers port) has no such table.
+    num_packing_positions: int = 32768
     use_head: bool = True  # the pooling head; used by the stage-0 sigmoid loss only
     attn_backend: str = "sdpa"
 
@@ -50,6 +56,11 @@ class VisionConfig:
             self.image_size >= self.patch_size,
             f"vision.image_size={self.image_size} is smaller than patch_size={self.patch_size}",
         )
+        _require(
+            self.num_packing_positions >= 0,
+            f"vision.num_packing_positions={self.num_packing_positions} must be >= 0 (0: no packing table)",
+        )
+        _require(self.rope_theta > 0, f"vision.rope_theta={self.rope_theta} must be positive")
         _check_backend(self.attn_backend, "vision.attn_backend")
 
     @property
@@ -93,6 +104,8 @@ class LanguageConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     mrope_section: tuple[int, int, int] = (16, 24, 24)
+    # Longest context the model is meant for (stage 3 anneals at 128K); written to config.json for vLLM.
+    max_position_embeddings: int = 131072
     attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -143,6 +156,9 @@ class KeyeConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     pad_token_id: int = 151643
+    # Written to config.json / generation_config.json; generation stops at eos (<|im_end|> in ChatML).
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
 
     def __post_init__(self) -> None:
         _require(
@@ -155,8 +171,17 @@ class KeyeConfig:
             f"projector.text_hidden_size={self.projector.text_hidden_size} != "
             f"language.hidden_size={self.language.hidden_size}",
         )
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for name in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        ):
             value = getattr(self, name)
+            if value is None:
+                continue
             _require(
                 0 <= value < self.language.vocab_size,
                 f"{name}={value} is outside the vocabulary (vocab_size={self.language.vocab_size})",
@@ -166,6 +191,32 @@ class KeyeConfig:
 def keye_8b() -> KeyeConfig:
     """The released Keye-VL-1.5-8B sizes."""
     return KeyeConfig()
+
+
+def _qwen3(*, hidden: int, layers: int, intermediate: int) -> LanguageConfig:
+    """A public Qwen3 dense shape: 16 query heads, 8 KV heads, head_dim 128, vocab 151936, base 1e6."""
+    return LanguageConfig(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=intermediate,
+    )
+
+
+def _pilot(language: LanguageConfig) -> KeyeConfig:
+    return KeyeConfig(projector=ProjectorConfig(text_hidden_size=language.hidden_size), language=language)
+
+
+def keye_2b() -> KeyeConfig:
+    """Pilot size: SigLIP so400m + Qwen3-1.7B (hidden 2048, 28 layers, MLP 6144), lm_head untied."""
+    return _pilot(_qwen3(hidden=2048, layers=28, intermediate=6144))
+
+
+def keye_1b() -> KeyeConfig:
+    """Pilot size: SigLIP so400m + Qwen3-0.6B (hidden 1024, 28 layers, MLP 3072), lm_head untied."""
+    return _pilot(_qwen3(hidden=1024, layers=28, intermediate=3072))
 
 
 def tiny(*, vocab_size: int = 512, text_vocab_size: int = 256) -> KeyeConfig:
@@ -210,10 +261,12 @@ def tiny(*, vocab_size: int = 512, text_vocab_size: int = 256) -> KeyeConfig:
         vision_start_token_id=vocab_size - 4,
         vision_end_token_id=vocab_size - 3,
         pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
     )
 
 
-PRESETS = {"keye_8b": keye_8b, "tiny": tiny}
+PRESETS = {"keye_8b": keye_8b, "keye_2b": keye_2b, "keye_1b": keye_1b, "tiny": tiny}
 
 
 def preset(name: str) -> KeyeConfig:

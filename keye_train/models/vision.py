@@ -106,8 +106,10 @@ class VisionEmbeddings(nn.Module):
             cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
         self.position_embedding = nn.Embedding(self.grid**2, cfg.hidden_size)
-        # Unused by the VLM; kept so released checkpoints load and convert without loss.
-        self.packing_position_embedding = nn.Embedding(cfg.num_packing_positions, cfg.hidden_size)
+        # Unused by the VLM; kept so released checkpoints load and convert without loss (absent when 0).
+        self.packing_position_embedding = (
+            nn.Embedding(cfg.num_packing_positions, cfg.hidden_size) if cfg.num_packing_positions else None
+        )
 
     def resized_positions(self, h: int, w: int) -> Tensor:
         """The learned grid x grid table resized to (h, w) bilinearly (align_corners=False), row-major."""

@@ -33,16 +33,22 @@ def build_tokenizer(cfg: TrainConfig) -> LoadedTokenizer:
     return load_tokenizer(path)
 
 
-def keye_config(cfg: TrainConfig, tokenizer: LoadedTokenizer) -> KeyeConfig:
+def tokenizer_token_ids(tokenizer: LoadedTokenizer) -> dict[str, int]:
+    """KeyeConfig's token-id fields as the tokenizer assigns them (never constants)."""
     ids = tokenizer.ids
-    token_ids = {
+    return {
         "image_token_id": ids.image_pad,
         "video_token_id": ids.video_pad,
         "vision_start_token_id": ids.vision_start,
         "vision_end_token_id": ids.vision_end,
         "pad_token_id": ids.endoftext,
+        "bos_token_id": ids.endoftext,
+        "eos_token_id": ids.im_end,
     }
-    return cfg.model.build(vocab_size=tokenizer.vocab_size, token_ids=token_ids)
+
+
+def keye_config(cfg: TrainConfig, tokenizer: LoadedTokenizer) -> KeyeConfig:
+    return cfg.model.build(vocab_size=tokenizer.vocab_size, token_ids=tokenizer_token_ids(tokenizer))
 
 
 def build_stream(

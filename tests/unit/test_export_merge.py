@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 import keye_train.checkpoint.export as export_module
 from keye_train.checkpoint.export import export_to_hf, import_from_hf
@@ -14,6 +15,7 @@ from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, T
 from keye_train.checkpoint.merge import merge_checkpoints, normalise_weights
 from keye_train.checkpoint.safetensors_io import iter_checkpoint
 from keye_train.cli.merge import main as merge_main
+from keye_train.data.synth.shards import build_tokenizer
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.toy_batch import toy_packed_batch
@@ -59,18 +61,25 @@ def test_export_gives_the_checkpoints_logits(sources, tmp_path):
 
 def test_export_bf16_with_tokenizer(sources, tmp_path):
     tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text('{"model": {}}')
-    (tokenizer / "tokenizer_config.json").write_text("{}")
+    build_tokenizer(["a few words of text", "for the tokenizer"] * 5, vocab_size=512, out_dir=tokenizer)
     out = export_to_hf(sources["root"] / "stage_a" / "step-1", tmp_path / "hf", tokenizer_dir=tokenizer)
-    assert (out / "tokenizer.json").read_text() == '{"model": {}}' and (
-        out / "tokenizer_config.json"
-    ).exists()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab() == (
+        Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab()
+    )
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded = build_model(CFG, seed=7)
     load_into_model(loaded, out)
     for (name, original), exported in zip(sources["a"].state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(exported, original.to(torch.bfloat16).float()), name
+
+
+def test_export_refuses_a_tokenizer_with_other_ids(sources, tmp_path):
+    tokenizer = tmp_path / "tok"
+    build_tokenizer(["some text"] * 5, vocab_size=400, out_dir=tokenizer)  # pads at 398/399, model: 510/511
+    with pytest.raises(ValueError, match=r"<\|image_pad\|> id 398 but the model has image_token_id=510"):
+        export_to_hf(sources["root"] / "stage_a", tmp_path / "hf", tokenizer_dir=tokenizer)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_failed_export_leaves_no_directory(sources, tmp_path, monkeypatch):
