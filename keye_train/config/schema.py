@@ -34,7 +34,16 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # keye_8b | tiny
+    """Which architecture a run builds. A fresh start builds `preset`; `from_hf` builds the architecture of
+    a Hugging Face folder; `stage.init_from` carries the architecture (and RoPE base) of the run or folder
+    it starts from, and a recipe value that contradicts it is an error naming both."""
+
+    preset: str = "tiny"  # keye_8b | keye_2b | keye_1b | tiny (used when no checkpoint gives the shapes)
+    # HF Keye-VL-1.5 folder (whole model), Qwen3 folder (the LLM) or SigLIP folder (the ViT); null: preset
+    from_hf: str | None = None
+    # LLM RoPE base the recipe expects; null: the checkpoint's (or the preset's). A stage's own reset is
+    # stage.rope_theta (stage 3: 8e6).
+    rope_theta: float | None = None
     attn_backend: str = "sdpa"  # sdpa | flash | flex (LLM and ViT)
     init_seed: int = 0  # initialisation of weights that init_from does not provide
 
@@ -44,13 +53,22 @@ class ModelConfig:
             self.attn_backend in ATTENTION_BACKENDS,
             f"model.attn_backend={self.attn_backend!r} must be one of {ATTENTION_BACKENDS}",
         )
+        _require(
+            self.rope_theta is None or self.rope_theta > 0,
+            f"model.rope_theta={self.rope_theta} must be > 0 (or null to keep the checkpoint's)",
+        )
 
-    def build(self, *, vocab_size: int, token_ids: dict[str, int]) -> KeyeConfig:
-        """The preset with this run's backend, the tokenizer's vocabulary size and special-token ids."""
-        cfg = preset(self.preset)
+    def build(
+        self, *, vocab_size: int, token_ids: dict[str, int], architecture: KeyeConfig | None = None
+    ) -> KeyeConfig:
+        """`architecture` (from a checkpoint) or the preset, with this run's backend, the tokenizer's
+        vocabulary size (the larger of the two) and special-token ids."""
+        cfg = architecture if architecture is not None else preset(self.preset)
         language = dataclasses.replace(
             cfg.language, attn_backend=self.attn_backend, vocab_size=max(vocab_size, cfg.language.vocab_size)
         )
+        if architecture is None and self.rope_theta is not None:
+            language.rope_theta = float(self.rope_theta)
         vision = dataclasses.replace(cfg.vision, attn_backend=self.attn_backend)
         # Stage 0 feeds the text tower with the same tokenizer (the tiny preset's tower is smaller).
         tower = dataclasses.replace(cfg.text_tower, vocab_size=max(vocab_size, cfg.text_tower.vocab_size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,8 +48,64 @@ def tokenizer_token_ids(tokenizer: LoadedTokenizer) -> dict[str, int]:
     }
 
 
+def _shape(cfg: KeyeConfig) -> tuple[int, ...]:
+    v, lang = cfg.vision, cfg.language
+    return (
+        *(v.hidden_size, v.num_layers, v.intermediate_size),
+        *(lang.hidden_size, lang.num_layers, lang.num_heads, lang.num_kv_heads, lang.head_dim),
+        *(lang.intermediate_size, lang.vocab_size),
+    )
+
+
+def checkpoint_architecture(cfg: TrainConfig) -> tuple[KeyeConfig | None, str]:
+    """(the architecture model.from_hf / stage.init_from imply, which key said so); (None, "") if neither."""
+    from keye_train.checkpoint.architecture import (
+        architecture_from_hf,
+        architecture_of_checkpoint,
+        describe,
+    )
+    from keye_train.models.configs import preset
+
+    arch, source = None, ""
+    if cfg.model.from_hf:
+        arch, source = architecture_from_hf(cfg.model.from_hf, base=preset(cfg.model.preset)), "model.from_hf"
+    init = architecture_of_checkpoint(cfg.stage.init_from) if cfg.stage.init_from else None
+    if init is not None:
+        if arch is not None and _shape(arch) != _shape(init):
+            raise ValueError(
+                f"model.from_hf={cfg.model.from_hf} is {describe(arch)} but stage.init_from="
+                f"{cfg.stage.init_from} is {describe(init)}; drop model.from_hf or init from a matching run"
+            )
+        arch, source = init, "stage.init_from"
+    return arch, source
+
+
 def keye_config(cfg: TrainConfig, tokenizer: LoadedTokenizer) -> KeyeConfig:
-    return cfg.model.build(vocab_size=tokenizer.vocab_size, token_ids=tokenizer_token_ids(tokenizer))
+    """The run's model config: the checkpoint's architecture when model.from_hf or stage.init_from gives
+    one (its RoPE base carried forward), else the preset; token ids always from the tokenizer."""
+    from keye_train.checkpoint.architecture import describe
+    from keye_train.models.configs import preset
+
+    arch, source = checkpoint_architecture(cfg)
+    if arch is not None:
+        where = f"{source}={cfg.model.from_hf if source == 'model.from_hf' else cfg.stage.init_from}"
+        base, wanted, reset = arch.language.rope_theta, cfg.model.rope_theta, cfg.stage.rope_theta
+        # The recipe's expected base is checked even when the stage resets it (stage 3: 1e6 -> 8e6): a
+        # checkpoint at another base is not the one the recipe was written for.
+        if wanted is not None and wanted != base:
+            raise ValueError(
+                f"{where} was trained at RoPE base {base:g} but the recipe says model.rope_theta={wanted:g}; "
+                f"set model.rope_theta={base:g} (or null) to start from the checkpoint's base"
+                + (f" (stage.rope_theta={reset:g} still resets it when the stage starts)" if reset else "")
+            )
+        if reset is not None and reset != base:
+            log.info("RoPE base: %s carries %g; stage.rope_theta resets it to %g", where, base, reset)
+        fresh = preset(cfg.model.preset)
+        if _shape(fresh)[:-1] != _shape(arch)[:-1]:
+            log.warning("model.preset=%s is not used: %s carries %s", cfg.model.preset, where, describe(arch))
+    return cfg.model.build(
+        vocab_size=tokenizer.vocab_size, token_ids=tokenizer_token_ids(tokenizer), architecture=arch
+    )
 
 
 def build_stream(
@@ -102,7 +159,15 @@ def build_weights(
     init_from carries weights only: a stage directory, a checkpoint directory or a Hugging Face
     directory. Optimizer and schedule always start fresh in a new stage.
     """
-    model = build_model(keye_cfg, device=device, seed=cfg.model.init_seed)
+    arch, _ = checkpoint_architecture(cfg) if cfg.stage.init_from else (None, "")
+    stored_vocab = arch.language.vocab_size if arch is not None else keye_cfg.language.vocab_size
+    grow = stored_vocab < keye_cfg.language.vocab_size
+    # A tokenizer that added tokens (the Keye-1.5 <|frame|>, <|fast_start|>, <|fast_end|>) needs more rows
+    # than the checkpoint has: load at the stored size, then grow the embedding and lm_head.
+    build_cfg = dataclasses.replace(
+        keye_cfg, language=dataclasses.replace(keye_cfg.language, vocab_size=stored_vocab)
+    ) if grow else keye_cfg  # fmt: skip
+    model = build_model(build_cfg, device=device, seed=cfg.model.init_seed)
     tower = None
     if cfg.stage.loss == "siglip":
         with torch.random.fork_rng(devices=[]):
@@ -119,6 +184,16 @@ def build_weights(
 
             load_into_model(tower, tower_dir)
         log.info("initialised weights from %s", source)
+    if grow:
+        from keye_train.checkpoint.vocab import grow_vocabulary
+
+        grow_vocabulary(model, keye_cfg)
+        log.warning(
+            "vocabulary grown from %d to %d rows for the tokenizer's added tokens (new rows: the mean of "
+            "the existing ones)",
+            stored_vocab,
+            keye_cfg.language.vocab_size,
+        )
     return model, tower
 
 
