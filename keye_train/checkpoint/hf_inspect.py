@@ -108,6 +108,10 @@ def inspect_checkpoint(directory: str | Path) -> InspectReport:
     as_1_5 = {**config, "architectures": [KEYE_ARCH]}
     cfg = keye_config_from_hf(as_1_5, shapes={k: v.shape for k, v in layout.items()})
     report.missing, report.unexpected, report.mismatched = compare_layout(layout, expected_keye_layout(cfg))
+    absent = [name for name, there in (("packing table", cfg.vision.num_packing_positions),
+                                       ("pooling head", cfg.vision.use_head)) if not there]  # fmt: skip
+    if absent:
+        report.notes.append(f"no {' / '.join(absent)} (unused by the VLM; as the transformers port writes)")
     tower_dir = directory / TEXT_TOWER_DIR
     if (tower_dir / "config.json").is_file():
         tower_cfg = text_tower_config_from_siglip(read_config(tower_dir))

@@ -116,10 +116,16 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    sub = subparsers.add_parser("export", help="keye_train DCP checkpoint -> Keye-VL-1.5 HF dir")
+    sub = subparsers.add_parser(
+        "export", help="keye_train DCP checkpoint -> Keye-VL-1.5 HF dir (transformers remote code, vLLM)"
+    )
     sub.add_argument("--ckpt", required=True, help="step-N or final dir, or a stage dir (final, else newest)")
     sub.add_argument("--out", required=True, help="output HF dir; must not exist yet")
-    sub.add_argument("--tokenizer", help="dir whose tokenizer files are copied beside the weights")
+    sub.add_argument(
+        "--tokenizer",
+        help="the run's tokenizer dir (default: the run's data.tokenizer); written with the Keye-1.5 tokens "
+        "it lacks and our chat template",
+    )
     sub.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     sub.add_argument("--max-shard-size", type=_size, default=parse_size("5GB"), help="e.g. 5GB, 500MB")
     sub.set_defaults(func=_run_export)

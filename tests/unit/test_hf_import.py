@@ -17,6 +17,7 @@ from keye_train.checkpoint.dcp import saved_keye_config
 from keye_train.checkpoint.export import export_to_hf, import_from_hf
 from keye_train.checkpoint.hf import load_into_model, load_keye_config, save_keye_hf
 from keye_train.checkpoint.hf_config import language_config_from_qwen3
+from keye_train.checkpoint.hf_inspect import inspect_checkpoint
 from keye_train.models.configs import VisionConfig, tiny
 from keye_train.models.keye import build_model
 from keye_train.models.vision import VisionTower
@@ -74,6 +75,8 @@ def test_round_trip_with_unused_tensors_is_bit_identical(released, tmp_path):
 def test_import_without_packing_table_and_head(released, tmp_path):
     root, model = released
     port = _without_unused(root / "full", tmp_path / "port")
+    report = inspect_checkpoint(port)
+    assert report.ok and any("no packing table / pooling head" in note for note in report.notes)
     import_from_hf(port, tmp_path / "dcp", **quiet)
     cfg = saved_keye_config(tmp_path / "dcp")
     assert cfg.vision.num_packing_positions == 0 and not cfg.vision.use_head
