@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -109,6 +110,12 @@ def export_to_hf(
     cfg = saved_keye_config(source)
     if tokenizer is None and (tokenizer := run_tokenizer_dir(source)) is not None:
         log(f"export: using the run's tokenizer {tokenizer}")
+    if tokenizer is not None and (cfg.bos_token_id is None or cfg.eos_token_id is None):
+        # Checkpoints recorded before bos/eos were part of KeyeConfig: the tokenizer knows them.
+        from keye_train.data.text.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(tokenizer).ids
+        cfg = dataclasses.replace(cfg, bos_token_id=ids.endoftext, eos_token_id=ids.im_end)
     expected = expected_keye_layout(cfg)
     specs = model_tensor_specs(source)
     # Stage 0 trains the SigLIP text tower beside the model: it goes to siglip_text/, as keye-convert init

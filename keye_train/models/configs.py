@@ -157,8 +157,10 @@ class KeyeConfig:
     vision_end_token_id: int = 151653
     pad_token_id: int = 151643
     # Written to config.json / generation_config.json; generation stops at eos (<|im_end|> in ChatML).
-    bos_token_id: int | None = 151643
-    eos_token_id: int | None = 151645
+    # None (unknown) by default so that configs recorded before these fields existed still load; the
+    # Qwen-vocabulary presets set them and runs take them from the tokenizer.
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -188,9 +190,12 @@ class KeyeConfig:
             )
 
 
+QWEN_BOS, QWEN_EOS = 151643, 151645  # <|endoftext|>, <|im_end|>
+
+
 def keye_8b() -> KeyeConfig:
     """The released Keye-VL-1.5-8B sizes."""
-    return KeyeConfig()
+    return KeyeConfig(bos_token_id=QWEN_BOS, eos_token_id=QWEN_EOS)
 
 
 def _qwen3(*, hidden: int, layers: int, intermediate: int) -> LanguageConfig:
@@ -206,7 +211,12 @@ def _qwen3(*, hidden: int, layers: int, intermediate: int) -> LanguageConfig:
 
 
 def _pilot(language: LanguageConfig) -> KeyeConfig:
-    return KeyeConfig(projector=ProjectorConfig(text_hidden_size=language.hidden_size), language=language)
+    return KeyeConfig(
+        projector=ProjectorConfig(text_hidden_size=language.hidden_size),
+        language=language,
+        bos_token_id=QWEN_BOS,
+        eos_token_id=QWEN_EOS,
+    )
 
 
 def keye_2b() -> KeyeConfig:
@@ -261,8 +271,6 @@ def tiny(*, vocab_size: int = 512, text_vocab_size: int = 256) -> KeyeConfig:
         vision_start_token_id=vocab_size - 4,
         vision_end_token_id=vocab_size - 3,
         pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
     )
 
 

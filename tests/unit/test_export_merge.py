@@ -16,6 +16,7 @@ from keye_train.checkpoint.merge import merge_checkpoints, normalise_weights
 from keye_train.checkpoint.safetensors_io import iter_checkpoint
 from keye_train.cli.merge import main as merge_main
 from keye_train.data.synth.shards import build_tokenizer
+from keye_train.data.text.tokenizer import load_tokenizer
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.toy_batch import toy_packed_batch
@@ -67,7 +68,11 @@ def test_export_bf16_with_tokenizer(sources, tmp_path):
         Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab()
     )
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    # The checkpoint records no bos/eos (tiny() has none): the tokenizer's <|endoftext|> / <|im_end|>.
+    ids = load_tokenizer(tokenizer).ids
+    assert (config["bos_token_id"], config["eos_token_id"]) == (ids.endoftext, ids.im_end)
     loaded = build_model(CFG, seed=7)
     load_into_model(loaded, out)
     for (name, original), exported in zip(sources["a"].state_dict().items(), loaded.state_dict().values()):
