@@ -186,6 +186,21 @@ def test_chat_template_and_processor_give_our_prompt_layout(exported):
     assert inputs["video_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 2]]
 
 
+def test_processor_pixels_equal_our_image_preprocessing(exported):
+    import numpy as np
+    from PIL import Image
+
+    from keye_train.data.media.image import ImageConfig, preprocess_image
+
+    processor = transformers.AutoProcessor.from_pretrained(exported["out"], trust_remote_code=True)
+    noise = np.random.default_rng(0).integers(0, 256, size=(70, 101, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)  # 101x70 px: resized to 112x56, i.e. 8x4 patches
+    inputs = processor(text="<|image_pad|>", images=[image])
+    patches, grid = preprocess_image(image, ImageConfig())
+    assert inputs["image_grid_thw"].tolist() == [[1, *grid]]
+    assert torch.equal(inputs["pixel_values"], patches)
+
+
 # Every config attribute vLLM's keye_vl1_5 / keye model files (and the Qwen3 decoder they build) read,
 # listed from vllm/model_executor/models/keye.py, keye_vl1_5.py and qwen3.py.
 VLLM_TOP_LEVEL = (

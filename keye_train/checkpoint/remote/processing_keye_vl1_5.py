@@ -79,7 +79,9 @@ class KeyeVL1_5ImageProcessor(BaseImageProcessor):
             max_pixels=self.max_pixels if max_pixels is None else max_pixels,
         )
         image = image.resize((width, height), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        # Rescale in float64, then float32 (as the reference processor does): values agree bit for bit.
+        scaled = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+        pixels = torch.from_numpy(scaled).permute(2, 0, 1)
         mean = torch.tensor(self.image_mean)[:, None, None]
         std = torch.tensor(self.image_std)[:, None, None]
         pixels = (pixels - mean) / std
