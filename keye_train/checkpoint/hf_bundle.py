@@ -43,15 +43,14 @@ def write_remote_code(out_dir: Path) -> None:
 
 
 def generation_config(cfg: KeyeConfig) -> dict[str, Any]:
-    # Generation stops at <|im_end|> (ChatML turns) and at <|endoftext|> (plain text). The remote code keeps
-    # no KV cache, so use_cache is off.
+    # Generation stops at <|im_end|> (ChatML turns) and at <|endoftext|> (plain text).
     eos = [i for i in dict.fromkeys([cfg.eos_token_id, cfg.pad_token_id]) if i is not None]
     return {
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos,
         "pad_token_id": cfg.pad_token_id,
         "do_sample": False,
-        "use_cache": False,
+        "use_cache": True,
     }
 
 

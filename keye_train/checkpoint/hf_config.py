@@ -190,7 +190,7 @@ def keye_config_to_hf(
             "mrope_section": list(lang.mrope_section),
         },
         "tie_word_embeddings": False,
-        "use_cache": False,  # the exported remote code keeps no KV cache (generation re-runs the prefix)
+        "use_cache": True,
         "torch_dtype": dtype_name(parse_dtype(dtype)),
         **{name: getattr(cfg, name) for name in _TOKEN_ID_FIELDS},
         "bos_token_id": cfg.bos_token_id,

@@ -141,14 +141,25 @@ def test_transformers_logits_equal_ours_on_image_video_text(exported, hf_model):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
-def test_greedy_generate_matches_our_argmax(exported, hf_model):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generate_matches_our_argmax(exported, hf_model, use_cache):
     ids, image, video = _sample(exported["tokenizer"], exported["cfg"])
     ends = [i for i, t in enumerate(ids.tolist()) if t == exported["tokenizer"].ids.im_end]
     prompt = ids[: ends[1] + 1]  # system and user turns
+    lengths = []  # tokens the decoder runs per step: 1 after the prompt with the KV cache
+    hook = hf_model.model.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
     with torch.no_grad():
-        out = hf_model.generate(**_hf_inputs(prompt, image, video), max_new_tokens=3, do_sample=False)
+        out = hf_model.generate(
+            **_hf_inputs(prompt, image, video), max_new_tokens=4, do_sample=False, use_cache=use_cache
+        )
+    hook.remove()
     generated = out[0, len(prompt) :].tolist()
-    assert 1 <= len(generated) <= 3
+    assert 2 <= len(generated) <= 4  # (fixed seeds) the model does not stop at once: decode steps run
+    assert len(lengths) == len(generated)  # one decoder pass per new token
+    if use_cache:
+        assert lengths == [len(prompt)] + [1] * (len(lengths) - 1)
+    else:
+        assert lengths == [len(prompt) + i for i in range(len(lengths))]
     expected, running = [], prompt
     eos = {exported["cfg"].eos_token_id, exported["cfg"].pad_token_id}
     for _ in range(len(generated)):  # our model's greedy continuation, one token at a time

@@ -8,8 +8,9 @@ Inputs follow the Qwen-VL convention: `pixel_values` (patches, 3, 14, 14) with `
 `pixel_values_videos` with `video_grid_thw` (one row per group of equally sized frames; every frame is
 its own grid for attention and positions, as SlowFast frames differ in size).
 
-This file is standalone (torch and transformers only). It keeps no KV cache: `generate()` re-runs the
-whole sequence every step, which is exact and enough for checks; serve with vLLM.
+This file is standalone (torch and transformers only). Generation uses transformers' DynamicCache (passed
+as `cache`, or `past_key_values` in transformers 4); decoding positions continue from the prompt's M-RoPE
+positions. For serving, use vLLM.
 """
 
 from __future__ import annotations
@@ -234,13 +235,15 @@ class KeyeVL1_5TextAttention(nn.Module):
         self.q_norm = KeyeVL1_5RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = KeyeVL1_5RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, cache=None, layer_idx: int = 0):
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -266,8 +269,8 @@ class KeyeVL1_5DecoderLayer(nn.Module):
         self.post_attention_layernorm = KeyeVL1_5RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = KeyeVL1_5TextMLP(config)
 
-    def forward(self, x, rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+    def forward(self, x, rope, mask, cache=None, layer_idx: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -291,11 +294,11 @@ class KeyeVL1_5TextModel(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return angles.cos(), angles.sin()
 
-    def forward(self, inputs_embeds, position_ids, mask):
+    def forward(self, inputs_embeds, position_ids, mask, cache=None):
         rope = self.rotary(position_ids)
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, rope, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)
         return self.norm(x)
 
 
@@ -308,6 +311,7 @@ class KeyeVL1_5PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["KeyeVL1_5DecoderLayer", "KeyeVL1_5VisionLayer"]
     _supports_sdpa = True
+    _supports_cache_class = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -333,6 +337,7 @@ class KeyeVL1_5ForConditionalGeneration(KeyeVL1_5PreTrainedModel, GenerationMixi
         self.mlp_AR = KeyeVL1_5Projector(config)
         self.model = KeyeVL1_5TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.next_position: torch.Tensor | None = None  # (B,) M-RoPE position of the next decoded token
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -400,16 +405,29 @@ class KeyeVL1_5ForConditionalGeneration(KeyeVL1_5PreTrainedModel, GenerationMixi
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         cfg = self.config
+        cache = kwargs.pop("cache", None)  # transformers 5 name
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)  # transformers 4 name
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+
+            try:
+                cache = DynamicCache(config=cfg)
+            except TypeError:  # transformers 4
+                cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
             for values, grid_thw, token_id in (
                 (pixel_values, image_grid_thw, cfg.image_token_id),
                 (pixel_values_videos, video_grid_thw, cfg.video_token_id),
             ):
-                if values is None or values.shape[0] == 0:
+                if values is None or values.shape[0] == 0 or past:  # visuals live in the prompt only
                     continue
                 embeds = self.encode_visual(values, _frame_grids(grid_thw))
                 slots = input_ids == token_id
@@ -419,18 +437,26 @@ class KeyeVL1_5ForConditionalGeneration(KeyeVL1_5PreTrainedModel, GenerationMixi
                         "embeddings; the prompt and the grid_thw disagree"
                     )
                 inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], embeds.to(inputs_embeds.dtype))
+        b, s = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
         if position_ids is None or position_ids.dim() != 3:
             # generate() passes 1D text positions; M-RoPE needs the (3, B, S) ones of the visual grids.
-            if input_ids is None:
+            if past and self.next_position is not None:  # decoding: text continues after the prompt
+                position_ids = (self.next_position[:, None] + torch.arange(s, device=device)).expand(3, b, s)
+            elif input_ids is None:
                 raise ValueError("position_ids are needed when only inputs_embeds are given")
-            position_ids = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
-        b, s = inputs_embeds.shape[:2]
-        mask = torch.ones(s, s, dtype=torch.bool, device=inputs_embeds.device).tril()[None, None]
+            else:
+                position_ids = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
+        self.next_position = position_ids.amax(dim=(0, 2)) + 1
+        total = past + s
+        # Causal over the cached prefix and the new tokens: query i (at past + i) sees keys j <= past + i.
+        queries = torch.arange(past, total, device=device)[:, None]
+        mask = (torch.arange(total, device=device)[None, :] <= queries)[None, None]
         if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, :].bool()
+            mask = mask & attention_mask[:, None, None, -total:].bool()
             # A fully padded query row would give NaN; let it attend to itself (its output is ignored).
-            mask = mask | torch.eye(s, dtype=torch.bool, device=mask.device)[None, None]
-        hidden = self.model(inputs_embeds, position_ids, mask)
+            mask = mask | (torch.arange(total, device=device)[None, :] == queries)[None, None]
+        hidden = self.model(inputs_embeds, position_ids, mask, cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -439,7 +465,10 @@ class KeyeVL1_5ForConditionalGeneration(KeyeVL1_5PreTrainedModel, GenerationMixi
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        # transformers 5 names the cache field `cache`, transformers 4 `past_key_values`.
+        fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+        name = "cache" if "cache" in fields else "past_key_values"
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **({name: cache} if use_cache else {}))
 
 
 __all__ = ["KeyeVL1_5ForConditionalGeneration", "KeyeVL1_5PreTrainedModel"]
