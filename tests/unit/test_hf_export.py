@@ -171,6 +171,25 @@ def test_greedy_generate_matches_our_argmax(exported, hf_model, use_cache):
     assert generated == expected
 
 
+def test_left_padded_batch_gives_each_samples_own_logits(exported, hf_model):
+    ids, image, video = _sample(exported["tokenizer"], exported["cfg"])
+    text = torch.tensor(exported["tokenizer"].encode("a picture of a red square"))
+    pad = exported["cfg"].pad_token_id
+    width = len(ids)
+    batch = torch.stack([ids, torch.cat([torch.full((width - len(text),), pad), text])])
+    mask = torch.stack(
+        [torch.ones(width, dtype=torch.long), (torch.arange(width) >= width - len(text)).long()]
+    )
+    inputs = _hf_inputs(ids, image, video) | {"input_ids": batch, "attention_mask": mask}
+    with torch.no_grad():
+        both = hf_model(**inputs).logits
+        alone = hf_model(input_ids=text[None]).logits[0]
+    torch.testing.assert_close(
+        both[0], _ours(exported["model"], exported["cfg"], ids, image, video), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(both[1, width - len(text) :], alone, atol=1e-5, rtol=0)
+
+
 def test_chat_template_and_processor_give_our_prompt_layout(exported):
     from PIL import Image
 
