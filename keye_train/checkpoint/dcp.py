@@ -29,6 +29,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from keye_train.checkpoint.verify import (
+    CHECKSUM,
+    checksum_problem,
+    file_checksums,
+    marker_checksums,
+    remove_stale_staging,
+)
 from keye_train.models.configs import (
     KeyeConfig,
     LanguageConfig,
@@ -40,7 +47,7 @@ from keye_train.models.configs import (
 # Bump when the meaning of the saved keys changes; readers refuse versions they do not know.
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
-MARKER_FILE = "COMPLETE.json"
+MARKER_FILE = "COMPLETE.json"  # records every file's size and SHA-256 (checkpoint/verify.py)
 METADATA_FILE = ".metadata"  # written by DCP's FileSystemWriter when every rank has finished writing
 MODEL_KEY = "model"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -190,10 +197,15 @@ def make_meta(
 
 
 def write_marker(step_dir: str | Path, *, step: int | None) -> None:
-    """Written last, atomically: its presence says every rank's data and the DCP metadata are on disk."""
+    """Written last, atomically: its presence says every rank's data and the DCP metadata are on disk,
+    and its per-file checksums (read back from disk) let every later reader verify them."""
     step_dir = Path(step_dir)
+    record = {"format_version": FORMAT_VERSION, "step": step, "files": file_checksums(step_dir)}
     temp = step_dir / f".{MARKER_FILE}.tmp"
-    temp.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step}) + "\n")
+    with open(temp, "w") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # a marker on disk must never point at data still in the page cache only
     os.replace(temp, step_dir / MARKER_FILE)
 
 
@@ -210,8 +222,11 @@ def read_dcp_metadata(step_dir: str | Path) -> Metadata:
         ) from err
 
 
-def checkpoint_problem(step_dir: str | Path) -> str | None:
-    """Why `step_dir` cannot be loaded ('partial: ...' or 'corrupt: ...'), or None when it is complete."""
+def checkpoint_problem(step_dir: str | Path, *, checksums: bool = True) -> str | None:
+    """Why `step_dir` cannot be loaded ('partial: ...' or 'corrupt: ...'), or None when it is complete.
+
+    checksums=True also re-hashes every file against the marker's record (reads the whole checkpoint).
+    """
     step_dir = Path(step_dir)
     marker = step_dir / MARKER_FILE
     if not marker.is_file():
@@ -238,6 +253,14 @@ def checkpoint_problem(step_dir: str | Path) -> str | None:
         path = step_dir / name
         if not path.is_file() or path.stat().st_size < needed:
             return f"corrupt: data file {name} is missing or truncated"
+    recorded = marker_checksums(step_dir)
+    if recorded is not None:
+        unrecorded = sorted(set(sizes) - set(recorded))
+        if unrecorded:
+            return f"corrupt: data file {unrecorded[0]} has no {CHECKSUM} in {MARKER_FILE}"
+        if checksums:
+            return checksum_problem(step_dir, recorded)
+    # A marker without checksums was written before they existed: complete, but not verifiable.
     return None
 
 
@@ -321,8 +344,8 @@ def write_model_checkpoint(
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
     temp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
     try:
         with quiet_dcp():
             dcp.save(

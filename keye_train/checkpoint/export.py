@@ -28,6 +28,7 @@ from keye_train.checkpoint.hf import (
     save_keye_hf,
 )
 from keye_train.checkpoint.safetensors_io import ShardedWriter, iter_checkpoint, parse_dtype, read_layout
+from keye_train.checkpoint.verify import remove_stale_staging
 from keye_train.models.configs import TextTowerConfig
 
 # What a Hugging Face tokenizer dir may hold; copied verbatim beside the weights.
@@ -102,6 +103,7 @@ def export_to_hf(
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
+    remove_stale_staging(out_dir, log=log)  # issue 13: earlier killed exports' staging dirs
     tokenizer = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
     source = resolve_checkpoint(ckpt_dir, log=log)
     cfg = saved_keye_config(source)
@@ -148,6 +150,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, log: Callable[[st
     state dict, so the weights are held in memory once (about 17 GB for the 8B model in bf16).
     """
     hf_dir = Path(hf_dir)
+    remove_stale_staging(out_dir, log=log)  # issue 13: earlier killed imports' staging dirs
     cfg = load_keye_config(hf_dir)
     missing, unexpected, mismatched = compare_layout(read_layout(hf_dir), expected_keye_layout(cfg))
     if missing or unexpected or mismatched:

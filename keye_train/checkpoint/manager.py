@@ -16,6 +16,7 @@ from torch import nn
 
 from keye_train.checkpoint.dcp import (
     FINAL_DIR,
+    MARKER_FILE,
     META_KEY,
     MODEL_KEY,
     OPTIM_KEY,
@@ -35,6 +36,7 @@ from keye_train.checkpoint.dcp import (
     unpack,
     write_marker,
 )
+from keye_train.checkpoint.verify import root_os_error
 from keye_train.models.configs import KeyeConfig
 
 __all__ = [
@@ -62,6 +64,23 @@ def _world_size() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result (or its ValueError) broadcast: one rank reads and hashes a checkpoint,
+    every rank acts alike, and none waits forever for a rank 0 that failed."""
+    box: list[Any] = [None]
+    if _rank() == 0:
+        try:
+            box = [(True, fn())]
+        except ValueError as err:
+            box = [(False, str(err))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ValueError(value)
+    return value
 
 
 def _rng_key(rank: int) -> str:
@@ -118,6 +137,16 @@ class TrainState:
         return cfg if isinstance(cfg, KeyeConfig) else None
 
 
+class CheckpointWriteError(OSError):
+    """A save that failed (disk full, read-only, ...): its partial dir is removed, older ones are intact.
+    `detail` says so (the one-line error of keye-train prints it after the cause)."""
+
+    detail = ""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; {self.detail}" if self.detail else super().__str__()
+
+
 class CheckpointManager:
     """Saves `<dir>/step-N` DCP checkpoints of a TrainState and restores them, on every rank collectively.
 
@@ -129,6 +158,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self._log = log
+        self.saved: list[Path] = []  # checkpoints this manager completed (the run summary lists them)
         self._pending: tuple[int, Path, Future] | None = None
         # DCP's async writer runs collectives from a thread; a group of its own keeps them from
         # interleaving with the training collectives (gloo also serves CPU tensors under NCCL training).
@@ -185,15 +215,36 @@ class CheckpointManager:
         path = self.step_dir(step)
         self._prepare_dir(path)
         items = self._save_dict(step, state)
-        with quiet_dcp():
-            if self.cfg.async_save:
-                response = dcp.async_save(items, checkpoint_id=str(path), process_group=self._async_group)
-                self._pending = (step, path, getattr(response, "upload_completion", response))
-                self.log(f"checkpoint: step {step} staged, writing {path} in the background")
-                return path
-            dcp.save(items, checkpoint_id=str(path))
-        self._finalize(step, path)
+        try:
+            with quiet_dcp():
+                if self.cfg.async_save:
+                    response = dcp.async_save(items, checkpoint_id=str(path), process_group=self._async_group)
+                    self._pending = (step, path, getattr(response, "upload_completion", response))
+                    self.log(f"checkpoint: step {step} staged, writing {path} in the background")
+                    return path
+                dcp.save(items, checkpoint_id=str(path))
+            self._finalize(step, path)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            self._failed(path, err)
         return path
+
+    def _failed(self, path: Path, err: BaseException) -> None:
+        """A save failed: remove its partial dir (no marker: never loaded anyway) and re-raise, as a
+        CheckpointWriteError naming the path and the cause when the file system refused a write."""
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        os_error = root_os_error(err)
+        if os_error is None or isinstance(err, CheckpointWriteError):
+            raise err
+        previous = next(
+            (p for _, p in step_dirs(self.dir) if p != path and (p / MARKER_FILE).is_file()), None
+        )
+        kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        failure = CheckpointWriteError(
+            os_error.errno, os_error.strerror or str(os_error), os_error.filename or str(path)
+        )
+        failure.detail = f"checkpoint {path} was not saved (removed), {kept}"
+        raise failure from err
 
     def wait(self) -> None:
         """Collective. Finishes an in-flight async save: waits for the write, then marker and pruning."""
@@ -201,8 +252,11 @@ class CheckpointManager:
             return
         step, path, future = self._pending
         self._pending = None
-        future.result()
-        self._finalize(step, path)
+        try:
+            future.result()
+            self._finalize(step, path)
+        except BaseException as err:
+            self._failed(path, err)
 
     def _finalize(self, step: int, path: Path) -> None:
         _barrier()  # every rank's files and DCP's .metadata are written
@@ -210,6 +264,7 @@ class CheckpointManager:
             write_marker(path, step=step)
             self.log(f"checkpoint: saved {path}")
             self._prune()
+        self.saved.append(path)
         _barrier()  # nobody looks for the marker before it exists
 
     def _prune(self) -> None:
@@ -227,14 +282,15 @@ class CheckpointManager:
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def load(self, step_dir: str | Path, state: TrainState) -> int:
+    def load(self, step_dir: str | Path, state: TrainState, *, verified: bool = False) -> int:
         """Collective. Restores everything the checkpoint holds into `state`; returns the saved step.
 
         Model keys must all be present. A model-only checkpoint (import, merge, `final`) leaves optimizer,
         scheduler and loader fresh, with a message; so does a rank that did not exist when it was saved.
+        Rank 0 verifies the files' checksums first unless the caller just did (`verified`).
         """
         step_dir = Path(step_dir)
-        problem = checkpoint_problem(step_dir)
+        problem = _on_rank0(lambda: checkpoint_problem(step_dir, checksums=not verified))
         if problem is not None:
             raise ValueError(f"checkpoint {step_dir} cannot be loaded: {problem}")
         saved = read_dcp_metadata(step_dir).state_dict_metadata
@@ -272,10 +328,13 @@ class CheckpointManager:
     def resume(self, state: TrainState) -> int | None:
         """Collective. Loads the newest complete checkpoint if any; returns its step or None."""
         latest = self.latest_complete() if self.cfg.enabled else None
-        return None if latest is None else self.load(latest, state)
+        return None if latest is None else self.load(latest, state, verified=True)
 
-    def save_final(self, state: TrainState) -> Path:
-        """Collective. `<dir>/final`: the model weights only (plus meta), the hand-off to the next stage."""
+    def save_final(self, state: TrainState) -> Path | None:
+        """Collective. `<dir>/final`: the model weights only (plus meta), the hand-off to the next stage.
+        Nothing when checkpointing is disabled (checkpoint.enabled=false writes no checkpoint at all)."""
+        if not self.cfg.enabled:
+            return None
         self.wait()
         path = self.dir / FINAL_DIR
         self._prepare_dir(path)
@@ -286,12 +345,17 @@ class CheckpointManager:
             config_yaml=state.config_yaml,
             world_size=_world_size(),
         )
-        with quiet_dcp():
-            dcp.save({MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}, checkpoint_id=str(path))
-        _barrier()
-        if _rank() == 0:
-            write_marker(path, step=step)
-            self.log(f"checkpoint: saved final weights to {path}")
+        try:
+            with quiet_dcp():
+                items = {MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}
+                dcp.save(items, checkpoint_id=str(path))
+            _barrier()
+            if _rank() == 0:
+                write_marker(path, step=step)
+                self.log(f"checkpoint: saved final weights to {path}")
+        except BaseException as err:
+            self._failed(path, err)
+        self.saved.append(path)
         _barrier()
         return path
 
@@ -339,7 +403,7 @@ def load_model_weights(
         log(f"init_from: loaded Hugging Face weights from {path}")
         return path
     try:
-        source = resolve_checkpoint(path, log=log)
+        source = Path(_on_rank0(lambda: str(resolve_checkpoint(path, log=log))))
     except ValueError as err:
         raise ValueError(
             f"init_from={path}: not a Hugging Face dir (config.json + safetensors), a keye_train stage dir "
