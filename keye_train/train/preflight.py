@@ -60,15 +60,19 @@ def metrics_steps(run_dir: str | Path) -> int:
 
 
 def saved_stage(step_dir: Path) -> dict[str, Any] | None:
-    """{name, train, loss} of the stage that wrote a checkpoint, from the config saved in its meta."""
+    """{name, train, loss} of the stage that wrote a checkpoint, from the config saved in its meta (the
+    YAML holds the stage as given; StageConfig fills in the named stage's preset, as at training time)."""
+    from keye_train.train.stages import StageConfig
+
     try:
         text = read_meta(step_dir).get("config_yaml") or ""
         stage = (yaml.safe_load(text) or {}).get("stage") or {}
-    except (ValueError, yaml.YAMLError):
+        if not stage.get("name"):
+            return None
+        saved = StageConfig(name=stage["name"], train=stage.get("train"), loss=stage.get("loss"))
+        return stage_summary(saved)
+    except (ValueError, TypeError, yaml.YAMLError):
         return None
-    if not stage.get("name"):
-        return None
-    return {"name": stage["name"], "train": sorted(stage.get("train") or []), "loss": stage.get("loss")}
 
 
 def _describe(stage: dict[str, Any]) -> str:
