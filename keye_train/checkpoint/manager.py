@@ -30,12 +30,10 @@ from keye_train.checkpoint.dcp import (
     quiet_dcp,
     read_dcp_metadata,
     resolve_checkpoint,
-    rng_state,
-    set_rng_state,
     step_dirs,
-    unpack,
     write_marker,
 )
+from keye_train.checkpoint.stateful import BLOB, BlobStateful
 from keye_train.checkpoint.verify import root_os_error
 from keye_train.models.configs import KeyeConfig
 
@@ -129,12 +127,33 @@ class TrainState:
     counters: dict[str, Any] = field(default_factory=dict)
     config_yaml: str = ""
     keye_cfg: KeyeConfig | None = None
+    # More Stateful objects (state_dict()/load_state_dict()) saved under their keys, e.g. a trainer's own.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_keye_cfg(self) -> KeyeConfig | None:
         if self.keye_cfg is not None:
             return self.keye_cfg
         cfg = getattr(as_list(self.model)[0], "cfg", None)
         return cfg if isinstance(cfg, KeyeConfig) else None
+
+
+def _stateful_items(state: TrainState, *, rank: int, step: int | None, model: bool = True) -> dict[str, Any]:
+    """The Stateful objects of `state`, keyed as in the checkpoint (model and optimizer only if `model`)."""
+    items: dict[str, Any] = {}
+    if model:
+        items[MODEL_KEY] = ModelStateful(state.model)
+        if state.optimizer is not None:
+            items[OPTIM_KEY] = OptimizerStateful(state.model, state.optimizer)
+    if state.scheduler is not None:
+        items[SCHEDULER_KEY] = BlobStateful.of(state.scheduler)
+    items[COUNTERS_KEY] = BlobStateful.of_dict(state.counters, **({} if step is None else {"step": step}))
+    # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
+    items[_rng_key(rank)] = BlobStateful.of_rng()
+    if state.dataloader is not None:
+        items[DATA_KEY] = BlobStateful.of(state.dataloader)
+    for key, extra in state.extra.items():
+        items[key] = BlobStateful.of(extra)
+    return items
 
 
 class CheckpointWriteError(OSError):
@@ -179,17 +198,9 @@ class CheckpointManager:
         return self.dir / f"step-{step}"
 
     def _save_dict(self, step: int, state: TrainState) -> dict[str, Any]:
-        rank = _rank()
-        items: dict[str, Any] = {MODEL_KEY: ModelStateful(state.model)}
-        if state.optimizer is not None:
-            items[OPTIM_KEY] = OptimizerStateful(state.model, state.optimizer)
-        if state.scheduler is not None:
-            items[SCHEDULER_KEY] = pack(state.scheduler.state_dict())
-        items[COUNTERS_KEY] = pack({**state.counters, "step": step})
-        # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
-        items[_rng_key(rank)] = pack(rng_state())
-        if state.dataloader is not None:
-            items[DATA_KEY] = pack(state.dataloader.state_dict())
+        """The checkpoint: a dict of Stateful objects (model, optimizer, scheduler, counters, RNG, data
+        loader, any `extra`) plus the `meta` blob that export/merge read without a model."""
+        items: dict[str, Any] = _stateful_items(state, rank=_rank(), step=step)
         meta = make_meta(
             step=step,
             keye_cfg=state.resolved_keye_cfg(),
@@ -302,26 +313,24 @@ class CheckpointManager:
             items[OPTIM_KEY] = OptimizerStateful(state.model, optimizers, saved_keys=set(saved))
         elif optimizers:
             self.log(f"checkpoint: {step_dir} holds no optimizer state; the optimizer starts fresh")
-        wanted = {SCHEDULER_KEY: state.scheduler, COUNTERS_KEY: True, _rng_key(rank): True}
-        wanted[DATA_KEY] = state.dataloader
-        for key, target in wanted.items():
-            if target is None:
-                continue
-            if key in saved:
-                items[key] = b""
+        legacy: dict[str, BlobStateful] = {}
+        for key, blob in _stateful_items(state, rank=rank, step=None, model=False).items():
+            if f"{key}.{BLOB}" in saved:
+                items[key] = blob
+            elif key in saved:  # written before the blobs were Stateful: a bare bytes item
+                items[key], legacy[key] = b"", blob
             else:
                 self._log(f"checkpoint: {step_dir} has no '{key}' for rank {rank}; it starts fresh")
+        # The RNG last (dict order is DCP's load order), so nothing consumes randomness after it.
+        rng = _rng_key(rank)
+        if rng in items:
+            items[rng] = items.pop(rng)
+        state.counters.clear()
         with quiet_dcp():
             dcp.load(items, checkpoint_id=str(step_dir))
-        if SCHEDULER_KEY in items:
-            state.scheduler.load_state_dict(unpack(items[SCHEDULER_KEY]))
-        counters = unpack(items[COUNTERS_KEY]) if COUNTERS_KEY in items else {}
-        state.counters.clear()
-        state.counters.update(counters)
-        if DATA_KEY in items:
-            state.dataloader.load_state_dict(unpack(items[DATA_KEY]))
-        if _rng_key(rank) in items:
-            set_rng_state(unpack(items[_rng_key(rank)]))  # last, so nothing consumes randomness after
+        for key in sorted(legacy, key=lambda k: k == rng):  # the RNG last here too
+            legacy[key].load_state_dict({BLOB: items[key]})
+        counters = state.counters
         self.log(f"checkpoint: resumed from {step_dir}")
         return int(counters.get("step", 0))
 

@@ -1,10 +1,12 @@
-"""The DCP Stateful objects of a checkpoint (model chunks, optimizers), opaque blobs, and RNG state."""
+"""The DCP Stateful objects of a checkpoint: model chunks, optimizers, and blobs (scheduler, data loader,
+counters, RNG). A checkpoint is a dict of these (as in torchtitan); DCP calls their state_dict() on save
+and load_state_dict() on load, in the dict's order."""
 
 from __future__ import annotations
 
 import io
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,3 +138,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+BLOB = "blob"  # the one key of a BlobStateful's state dict (DCP stores it as `<item>.blob`)
+
+
+class BlobStateful:
+    """A DCP Stateful holding one object's state as a single opaque blob: the LR scheduler and the data
+    loader (their own state_dict()/load_state_dict()), the trainer's counters (a dict restored in place)
+    and this rank's RNG. Opaque because these are small Python structures (tuples, numpy RNG state)
+    that DCP would otherwise try to flatten and reshard."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], None]) -> None:
+        self._get, self._put = get, put
+
+    def state_dict(self) -> dict[str, Any]:
+        return {BLOB: pack(self._get())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._put(unpack(state_dict[BLOB]))
+
+    @classmethod
+    def of(cls, obj: Any) -> BlobStateful:
+        """Over an object with state_dict()/load_state_dict()."""
+        return cls(obj.state_dict, obj.load_state_dict)
+
+    @classmethod
+    def of_dict(cls, counters: dict[str, Any], **fixed: Any) -> BlobStateful:
+        """Over a plain dict (saved with `fixed` entries on top; loading replaces its contents)."""
+
+        def put(value: dict[str, Any]) -> None:
+            counters.clear()
+            counters.update(value)
+
+        return cls(lambda: {**counters, **fixed}, put)
+
+    @classmethod
+    def of_rng(cls) -> BlobStateful:
+        return cls(rng_state, set_rng_state)

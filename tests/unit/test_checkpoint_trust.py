@@ -139,3 +139,53 @@ def test_disabled_checkpointing_writes_nothing_not_even_final(tmp_path):
     assert manager.save(1, _state(0)) is None
     assert manager.save_final(_state(0)) is None
     assert not (tmp_path / "ckpt").exists() and manager.saved == []
+
+
+class _Counters:
+    """A trainer-like object with its own state (registered through TrainState.extra)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.nonfinite = step, step % 2
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+
+def test_the_checkpoint_is_a_dict_of_statefuls_and_old_blobs_still_load(tmp_path):
+    from keye_train.checkpoint.dcp import pack, read_dcp_metadata, write_marker
+    from keye_train.checkpoint.manager import _stateful_items
+
+    state = _state(0)
+    scheduler = torch.optim.lr_scheduler.StepLR(state.optimizer, step_size=1, gamma=0.5)
+    state.scheduler, state.counters, state.extra = scheduler, {"tokens": 7}, {"trainer": _Counters(5)}
+    scheduler.step()
+    items = _stateful_items(state, rank=0, step=3)
+    assert all(hasattr(v, "state_dict") and hasattr(v, "load_state_dict") for v in items.values())
+    CheckpointManager(CheckpointConfig(dir=str(tmp_path / "new"))).save(3, state)
+    keys = set(read_dcp_metadata(tmp_path / "new" / "step-3").state_dict_metadata)
+    assert {"counters.blob", "scheduler.blob", "trainer.blob", "rng_rank0.blob"} <= keys
+    fresh = _state(1)
+    fresh.scheduler = torch.optim.lr_scheduler.StepLR(fresh.optimizer, step_size=1, gamma=0.5)
+    fresh.extra = {"trainer": _Counters(0)}
+    assert CheckpointManager(CheckpointConfig(dir=str(tmp_path / "new"))).resume(fresh) == 3
+    assert fresh.counters == {"tokens": 7, "step": 3} and fresh.scheduler.last_epoch == 1
+    assert fresh.extra["trainer"].state_dict() == {"step": 5, "nonfinite": 1}
+    # A checkpoint of the earlier layout (bare bytes under plain keys) still resumes.
+    import torch.distributed.checkpoint as dcp
+
+    from keye_train.checkpoint.dcp import ModelStateful, quiet_dcp
+
+    old = tmp_path / "old" / "step-2"
+    with quiet_dcp():
+        dcp.save(
+            {"model": ModelStateful(state.model), "counters": pack({"step": 2, "tokens": 9})},
+            checkpoint_id=str(old),
+            no_dist=True,
+        )
+    write_marker(old, step=2)
+    fresh = _state(1)
+    assert CheckpointManager(CheckpointConfig(dir=str(tmp_path / "old"))).resume(fresh) == 2
+    assert fresh.counters == {"step": 2, "tokens": 9}
