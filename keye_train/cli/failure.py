@@ -2,7 +2,8 @@
 file; torchrun's error file so the launcher names the root cause (torch.distributed.elastic `record`).
 
 An error every rank hits alike (a bad config, a refused resume) is printed by rank 0 only: the other
-ranks stay silent and give the launcher a moment to stop them, so the operator reads it once.
+ranks stay silent and give the launcher a moment to stop them, so the operator reads it once. Any other
+error of a rank other than 0 is printed unless rank 0 logged the very same line during this run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from keye_train.checkpoint.verify import root_os_error
 LOG_DIR = "logs"  # under run_dir: error-rank<N>.log holds the traceback of a failed rank
 # Ranks other than 0 wait this long for the launcher to stop them after an error that rank 0 reports.
 FOLLOWER_GRACE_S = 30.0
+# A rank other than 0 waits this long for rank 0's log before printing its own line: when rank 0 failed
+# with the same message (a bug, a bad file every rank reads), the operator reads it once.
+SAME_ERROR_WAIT_S = 3.0
+_STARTED = time.time()
 
 
 def _rank() -> int:
@@ -55,8 +60,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def write_traceback(exc: BaseException, *, run_dir: str | None) -> Path:
-    """The traceback in run_dir/logs/error-rank<N>.log, or in the temp dir when run_dir is not writable."""
-    text = "".join(traceback.format_exception(exc))
+    """The traceback in run_dir/logs/error-rank<N>.log, or in the temp dir when run_dir is not writable.
+    Its first line is the console line's message (what other ranks compare theirs with)."""
+    text = one_line(exc) + "\n\n" + "".join(traceback.format_exception(exc))
     name = f"error-rank{_rank()}.log"
     candidates = [Path(run_dir) / LOG_DIR] if run_dir else []
     candidates.append(Path(tempfile.gettempdir()) / f"keye-train-{os.getpid()}")
@@ -83,9 +89,24 @@ def report_failure(exc: BaseException, *, run_dir: str | None, prefix: str = "ke
     log_path = write_traceback(exc, run_dir=run_dir)
     with contextlib.suppress(OSError):
         get_error_handler().record_exception(exc)  # torchrun's error file, when it set one
+    if rank != 0 and run_dir and _rank0_failed_alike(exc, run_dir=run_dir):
+        return 1  # rank 0 prints the same line; this rank's traceback is in its log all the same
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{prefix}: error{where}: {one_line(exc)} (traceback: {log_path})", file=sys.stderr, flush=True)
     return 1
+
+
+def _rank0_failed_alike(exc: BaseException, *, run_dir: str) -> bool:
+    """Whether rank 0 logged the same one-line error during this run (within SAME_ERROR_WAIT_S)."""
+    log = Path(run_dir) / LOG_DIR / "error-rank0.log"
+    deadline = time.monotonic() + SAME_ERROR_WAIT_S
+    while True:
+        with contextlib.suppress(OSError):
+            if log.stat().st_mtime >= _STARTED:  # not a log of an earlier run
+                return log.read_text().split("\n", 1)[0] == one_line(exc)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def run_reporting(fn: Callable[[], int], *, run_dir: Callable[[], str | None]) -> int:
