@@ -399,13 +399,20 @@ def check_model_keys(model_state: ModelStateful, saved: dict[str, Any], step_dir
         )
 
 
+def _rank0_print(message: str) -> None:
+    if _rank() == 0:
+        print(message, flush=True)
+
+
 def load_model_weights(
-    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] = print
+    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] | None = None
 ) -> Path:
     """Collective. Model weights only (for `init_from`) from a stage dir, a DCP checkpoint or a HF dir.
 
-    Returns the directory actually read. The optimizer, schedule and counters are not touched.
+    Returns the directory actually read. The optimizer, schedule and counters are not touched. Messages
+    go to `log`, by default printed by rank 0 only (every rank loads; one says so).
     """
+    log = log or _rank0_print
     path = Path(path)
     if (path / "config.json").is_file() and not (path / ".metadata").exists():
         _load_hf_weights(model, path)
