@@ -87,9 +87,18 @@ def test_a_stage_mismatch_is_refused_naming_both_stages(synthetic, finished):
     assert "error_file: <N/A>" not in combined.split("Root Cause")[-1]
 
 
-def _children(pid: int) -> list[int]:
+def _workers(pid: int) -> list[int]:
+    """The keye-train processes torchrun `pid` started (not helpers such as a resource tracker)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    workers = []
+    for child in (int(p) for p in out.split()):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"keye_train.cli.train" in cmdline:
+            workers.append(child)
+    return workers
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +124,7 @@ def test_workers_exit_when_the_launcher_is_killed(synthetic, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    workers = _children(launcher.pid)
+    workers = _workers(launcher.pid)
     assert len(workers) == 2 and metrics.exists(), "the workers never started training"
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
