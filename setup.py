@@ -25,6 +25,7 @@ setup(
         "pyyaml",
         "tqdm",
         "pyzmq",
+        "matplotlib==3.11.2",  # keye-report's curves (PNG, Agg backend)
         # Ulysses context parallelism (DistributedAttention). DeepSpeed ships only a source package whose
         # build imports torch, so `make install` installs it with --no-build-isolation (no CUDA torch).
         "deepspeed",
@@ -50,6 +51,7 @@ setup(
             "keye-train=keye_train.cli.train:main",
             "keye-merge=keye_train.cli.merge:main",
             "keye-ioserver=keye_train.cli.ioserver:main",
+            "keye-report=keye_train.cli.report:main",
         ]
     },
 )

@@ -31,6 +31,7 @@ from keye_train.checkpoint.hf import (
 )
 from keye_train.checkpoint.hf_bundle import write_bundle
 from keye_train.checkpoint.safetensors_io import ShardedWriter, iter_checkpoint, parse_dtype, read_layout
+from keye_train.checkpoint.verify import remove_stale_staging
 from keye_train.models.configs import TextTowerConfig
 
 
@@ -105,6 +106,7 @@ def export_to_hf(
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
+    remove_stale_staging(out_dir, log=log)  # earlier killed exports' staging dirs
     tokenizer = _check_tokenizer_dir(Path(tokenizer_dir)) if tokenizer_dir is not None else None
     source = resolve_checkpoint(ckpt_dir, log=log)
     cfg = saved_keye_config(source)
@@ -158,6 +160,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, log: Callable[[st
     state dict, so the weights are held in memory once (about 17 GB for the 8B model in bf16).
     """
     hf_dir = Path(hf_dir)
+    remove_stale_staging(out_dir, log=log)  # issue 13: earlier killed imports' staging dirs
     cfg = load_keye_config(hf_dir)
     missing, unexpected, mismatched = compare_layout(read_layout(hf_dir), expected_keye_layout(cfg))
     if missing or unexpected or mismatched:

@@ -16,6 +16,7 @@ from torch import nn
 
 from keye_train.checkpoint.dcp import (
     FINAL_DIR,
+    MARKER_FILE,
     META_KEY,
     MODEL_KEY,
     OPTIM_KEY,
@@ -29,12 +30,11 @@ from keye_train.checkpoint.dcp import (
     quiet_dcp,
     read_dcp_metadata,
     resolve_checkpoint,
-    rng_state,
-    set_rng_state,
     step_dirs,
-    unpack,
     write_marker,
 )
+from keye_train.checkpoint.stateful import BLOB, BlobStateful
+from keye_train.checkpoint.verify import root_os_error
 from keye_train.models.configs import KeyeConfig
 
 __all__ = [
@@ -62,6 +62,23 @@ def _world_size() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result (or its ValueError) broadcast: one rank reads and hashes a checkpoint,
+    every rank acts alike, and none waits forever for a rank 0 that failed."""
+    box: list[Any] = [None]
+    if _rank() == 0:
+        try:
+            box = [(True, fn())]
+        except ValueError as err:
+            box = [(False, str(err))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ValueError(value)
+    return value
 
 
 def _rng_key(rank: int) -> str:
@@ -110,12 +127,43 @@ class TrainState:
     counters: dict[str, Any] = field(default_factory=dict)
     config_yaml: str = ""
     keye_cfg: KeyeConfig | None = None
+    # More Stateful objects (state_dict()/load_state_dict()) saved under their keys, e.g. a trainer's own.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_keye_cfg(self) -> KeyeConfig | None:
         if self.keye_cfg is not None:
             return self.keye_cfg
         cfg = getattr(as_list(self.model)[0], "cfg", None)
         return cfg if isinstance(cfg, KeyeConfig) else None
+
+
+def _stateful_items(state: TrainState, *, rank: int, step: int | None, model: bool = True) -> dict[str, Any]:
+    """The Stateful objects of `state`, keyed as in the checkpoint (model and optimizer only if `model`)."""
+    items: dict[str, Any] = {}
+    if model:
+        items[MODEL_KEY] = ModelStateful(state.model)
+        if state.optimizer is not None:
+            items[OPTIM_KEY] = OptimizerStateful(state.model, state.optimizer)
+    if state.scheduler is not None:
+        items[SCHEDULER_KEY] = BlobStateful.of(state.scheduler)
+    items[COUNTERS_KEY] = BlobStateful.of_dict(state.counters, **({} if step is None else {"step": step}))
+    # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
+    items[_rng_key(rank)] = BlobStateful.of_rng()
+    if state.dataloader is not None:
+        items[DATA_KEY] = BlobStateful.of(state.dataloader)
+    for key, extra in state.extra.items():
+        items[key] = BlobStateful.of(extra)
+    return items
+
+
+class CheckpointWriteError(OSError):
+    """A save that failed (disk full, read-only, ...): its partial dir is removed, older ones are intact.
+    `detail` says so (the one-line error of keye-train prints it after the cause)."""
+
+    detail = ""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; {self.detail}" if self.detail else super().__str__()
 
 
 class CheckpointManager:
@@ -129,6 +177,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self._log = log
+        self.saved: list[Path] = []  # checkpoints this manager completed (the run summary lists them)
         self._pending: tuple[int, Path, Future] | None = None
         # DCP's async writer runs collectives from a thread; a group of its own keeps them from
         # interleaving with the training collectives (gloo also serves CPU tensors under NCCL training).
@@ -149,17 +198,9 @@ class CheckpointManager:
         return self.dir / f"step-{step}"
 
     def _save_dict(self, step: int, state: TrainState) -> dict[str, Any]:
-        rank = _rank()
-        items: dict[str, Any] = {MODEL_KEY: ModelStateful(state.model)}
-        if state.optimizer is not None:
-            items[OPTIM_KEY] = OptimizerStateful(state.model, state.optimizer)
-        if state.scheduler is not None:
-            items[SCHEDULER_KEY] = pack(state.scheduler.state_dict())
-        items[COUNTERS_KEY] = pack({**state.counters, "step": step})
-        # RNG and loader positions differ per rank, so each rank stores its own key (DCP dedups equal keys).
-        items[_rng_key(rank)] = pack(rng_state())
-        if state.dataloader is not None:
-            items[DATA_KEY] = pack(state.dataloader.state_dict())
+        """The checkpoint: a dict of Stateful objects (model, optimizer, scheduler, counters, RNG, data
+        loader, any `extra`) plus the `meta` blob that export/merge read without a model."""
+        items: dict[str, Any] = _stateful_items(state, rank=_rank(), step=step)
         meta = make_meta(
             step=step,
             keye_cfg=state.resolved_keye_cfg(),
@@ -185,15 +226,36 @@ class CheckpointManager:
         path = self.step_dir(step)
         self._prepare_dir(path)
         items = self._save_dict(step, state)
-        with quiet_dcp():
-            if self.cfg.async_save:
-                response = dcp.async_save(items, checkpoint_id=str(path), process_group=self._async_group)
-                self._pending = (step, path, getattr(response, "upload_completion", response))
-                self.log(f"checkpoint: step {step} staged, writing {path} in the background")
-                return path
-            dcp.save(items, checkpoint_id=str(path))
-        self._finalize(step, path)
+        try:
+            with quiet_dcp():
+                if self.cfg.async_save:
+                    response = dcp.async_save(items, checkpoint_id=str(path), process_group=self._async_group)
+                    self._pending = (step, path, getattr(response, "upload_completion", response))
+                    self.log(f"checkpoint: step {step} staged, writing {path} in the background")
+                    return path
+                dcp.save(items, checkpoint_id=str(path))
+            self._finalize(step, path)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            self._failed(path, err)
         return path
+
+    def _failed(self, path: Path, err: BaseException) -> None:
+        """A save failed: remove its partial dir (no marker: never loaded anyway) and re-raise, as a
+        CheckpointWriteError naming the path and the cause when the file system refused a write."""
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        os_error = root_os_error(err)
+        if os_error is None or isinstance(err, CheckpointWriteError):
+            raise err
+        previous = next(
+            (p for _, p in step_dirs(self.dir) if p != path and (p / MARKER_FILE).is_file()), None
+        )
+        kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        failure = CheckpointWriteError(
+            os_error.errno, os_error.strerror or str(os_error), os_error.filename or str(path)
+        )
+        failure.detail = f"checkpoint {path} was not saved (removed), {kept}"
+        raise failure from err
 
     def wait(self) -> None:
         """Collective. Finishes an in-flight async save: waits for the write, then marker and pruning."""
@@ -201,8 +263,11 @@ class CheckpointManager:
             return
         step, path, future = self._pending
         self._pending = None
-        future.result()
-        self._finalize(step, path)
+        try:
+            future.result()
+            self._finalize(step, path)
+        except BaseException as err:
+            self._failed(path, err)
 
     def _finalize(self, step: int, path: Path) -> None:
         _barrier()  # every rank's files and DCP's .metadata are written
@@ -210,6 +275,7 @@ class CheckpointManager:
             write_marker(path, step=step)
             self.log(f"checkpoint: saved {path}")
             self._prune()
+        self.saved.append(path)
         _barrier()  # nobody looks for the marker before it exists
 
     def _prune(self) -> None:
@@ -227,14 +293,15 @@ class CheckpointManager:
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def load(self, step_dir: str | Path, state: TrainState) -> int:
+    def load(self, step_dir: str | Path, state: TrainState, *, verified: bool = False) -> int:
         """Collective. Restores everything the checkpoint holds into `state`; returns the saved step.
 
         Model keys must all be present. A model-only checkpoint (import, merge, `final`) leaves optimizer,
         scheduler and loader fresh, with a message; so does a rank that did not exist when it was saved.
+        Rank 0 verifies the files' checksums first unless the caller just did (`verified`).
         """
         step_dir = Path(step_dir)
-        problem = checkpoint_problem(step_dir)
+        problem = _on_rank0(lambda: checkpoint_problem(step_dir, checksums=not verified))
         if problem is not None:
             raise ValueError(f"checkpoint {step_dir} cannot be loaded: {problem}")
         saved = read_dcp_metadata(step_dir).state_dict_metadata
@@ -246,36 +313,37 @@ class CheckpointManager:
             items[OPTIM_KEY] = OptimizerStateful(state.model, optimizers, saved_keys=set(saved))
         elif optimizers:
             self.log(f"checkpoint: {step_dir} holds no optimizer state; the optimizer starts fresh")
-        wanted = {SCHEDULER_KEY: state.scheduler, COUNTERS_KEY: True, _rng_key(rank): True}
-        wanted[DATA_KEY] = state.dataloader
-        for key, target in wanted.items():
-            if target is None:
-                continue
-            if key in saved:
-                items[key] = b""
+        legacy: dict[str, BlobStateful] = {}
+        for key, blob in _stateful_items(state, rank=rank, step=None, model=False).items():
+            if f"{key}.{BLOB}" in saved:
+                items[key] = blob
+            elif key in saved:  # written before the blobs were Stateful: a bare bytes item
+                items[key], legacy[key] = b"", blob
             else:
                 self._log(f"checkpoint: {step_dir} has no '{key}' for rank {rank}; it starts fresh")
+        # The RNG last (dict order is DCP's load order), so nothing consumes randomness after it.
+        rng = _rng_key(rank)
+        if rng in items:
+            items[rng] = items.pop(rng)
+        state.counters.clear()
         with quiet_dcp():
             dcp.load(items, checkpoint_id=str(step_dir))
-        if SCHEDULER_KEY in items:
-            state.scheduler.load_state_dict(unpack(items[SCHEDULER_KEY]))
-        counters = unpack(items[COUNTERS_KEY]) if COUNTERS_KEY in items else {}
-        state.counters.clear()
-        state.counters.update(counters)
-        if DATA_KEY in items:
-            state.dataloader.load_state_dict(unpack(items[DATA_KEY]))
-        if _rng_key(rank) in items:
-            set_rng_state(unpack(items[_rng_key(rank)]))  # last, so nothing consumes randomness after
+        for key in sorted(legacy, key=lambda k: k == rng):  # the RNG last here too
+            legacy[key].load_state_dict({BLOB: items[key]})
+        counters = state.counters
         self.log(f"checkpoint: resumed from {step_dir}")
         return int(counters.get("step", 0))
 
     def resume(self, state: TrainState) -> int | None:
         """Collective. Loads the newest complete checkpoint if any; returns its step or None."""
         latest = self.latest_complete() if self.cfg.enabled else None
-        return None if latest is None else self.load(latest, state)
+        return None if latest is None else self.load(latest, state, verified=True)
 
-    def save_final(self, state: TrainState) -> Path:
-        """Collective. `<dir>/final`: the model weights only (plus meta), the hand-off to the next stage."""
+    def save_final(self, state: TrainState) -> Path | None:
+        """Collective. `<dir>/final`: the model weights only (plus meta), the hand-off to the next stage.
+        Nothing when checkpointing is disabled (checkpoint.enabled=false writes no checkpoint at all)."""
+        if not self.cfg.enabled:
+            return None
         self.wait()
         path = self.dir / FINAL_DIR
         self._prepare_dir(path)
@@ -286,12 +354,17 @@ class CheckpointManager:
             config_yaml=state.config_yaml,
             world_size=_world_size(),
         )
-        with quiet_dcp():
-            dcp.save({MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}, checkpoint_id=str(path))
-        _barrier()
-        if _rank() == 0:
-            write_marker(path, step=step)
-            self.log(f"checkpoint: saved final weights to {path}")
+        try:
+            with quiet_dcp():
+                items = {MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}
+                dcp.save(items, checkpoint_id=str(path))
+            _barrier()
+            if _rank() == 0:
+                write_marker(path, step=step)
+                self.log(f"checkpoint: saved final weights to {path}")
+        except BaseException as err:
+            self._failed(path, err)
+        self.saved.append(path)
         _barrier()
         return path
 
@@ -326,20 +399,27 @@ def check_model_keys(model_state: ModelStateful, saved: dict[str, Any], step_dir
         )
 
 
+def _rank0_print(message: str) -> None:
+    if _rank() == 0:
+        print(message, flush=True)
+
+
 def load_model_weights(
-    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] = print
+    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] | None = None
 ) -> Path:
     """Collective. Model weights only (for `init_from`) from a stage dir, a DCP checkpoint or a HF dir.
 
-    Returns the directory actually read. The optimizer, schedule and counters are not touched.
+    Returns the directory actually read. The optimizer, schedule and counters are not touched. Messages
+    go to `log`, by default printed by rank 0 only (every rank loads; one says so).
     """
+    log = log or _rank0_print
     path = Path(path)
     if (path / "config.json").is_file() and not (path / ".metadata").exists():
         _load_hf_weights(model, path)
         log(f"init_from: loaded Hugging Face weights from {path}")
         return path
     try:
-        source = resolve_checkpoint(path, log=log)
+        source = Path(_on_rank0(lambda: str(resolve_checkpoint(path, log=log))))
     except ValueError as err:
         raise ValueError(
             f"init_from={path}: not a Hugging Face dir (config.json + safetensors), a keye_train stage dir "

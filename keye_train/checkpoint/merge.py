@@ -22,6 +22,7 @@ from keye_train.checkpoint.dcp import (
 )
 from keye_train.checkpoint.hf import expected_keye_layout, load_keye_config, save_keye_hf
 from keye_train.checkpoint.safetensors_io import parse_dtype, read_layout
+from keye_train.checkpoint.verify import remove_stale_staging
 from keye_train.models.configs import KeyeConfig
 
 OUT_FORMATS = ("hf", "dcp")
@@ -212,6 +213,7 @@ def merge_checkpoints(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists; remove it or choose another path")
+    remove_stale_staging(out, log=log)
     torch_dtype = parse_dtype(dtype)
     weights = normalise_weights([w for _, w in inputs], log=log)
     sources = [_Source(path, log=log) for path, _ in inputs]

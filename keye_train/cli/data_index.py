@@ -219,7 +219,33 @@ def _counts(top: int, size: int) -> list[int]:
     return [max(1, full // 2), full] if full > 1 else [1, 2]
 
 
+# A fit whose residuals exceed this fraction of a measurement does not describe the timings (issue 13 saw
+# -2365% with zero ViT coefficients).
+MAX_RELATIVE_RESIDUAL = 0.5
+
+
+def fit_warnings(model: Any, residuals: list[dict]) -> list[str]:
+    """What makes a fit useless for planning: a part costing nothing, or residuals far off."""
+    warnings = []
+    for part in ("vit", "llm"):
+        if getattr(model, f"{part}_linear") == 0 and getattr(model, f"{part}_quadratic") == 0:
+            warnings.append(
+                f"the {part} fit is degenerate (linear = quadratic = 0: all time went into the per-pass "
+                f"overhead), so the planner would see every {part} item as free; time larger sizes "
+                "(--vit-sides/--llm-lengths) or more --repeats"
+            )
+    worst = max(residuals, key=lambda r: abs(r["residual"]) / r["seconds"] if r["seconds"] else 0.0)
+    rel = abs(worst["residual"]) / worst["seconds"] if worst["seconds"] else 0.0
+    if rel > MAX_RELATIVE_RESIDUAL:
+        warnings.append(
+            f"the fit misses {worst['part']} size={worst['size']} by {rel:.0%} of its measured "
+            f"{worst['seconds']:.5f}s (limit {MAX_RELATIVE_RESIDUAL:.0%}); the timings are noisy or too short"
+        )
+    return warnings
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from keye_train.config.loader import recipes_dir
     from keye_train.data.plan.cost import Measurement, fit_cost_model, fit_part, fit_residuals
 
     if args.measurements:
@@ -230,7 +256,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = fit_cost_model(measurements)
     overhead = {p: fit_part([m for m in measurements if m.part == p])[2] for p in ("vit", "llm")}
     residuals = fit_residuals(model, measurements, overhead=overhead)
-    out = Path(args.out or f"recipes/cost_{args.model}.json")
+    warnings = fit_warnings(model, residuals)
+    # An absolute path, printed as such: the default is the repository's recipes/ wherever this runs from.
+    out = Path(args.out).absolute() if args.out else recipes_dir() / f"cost_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     fit_path = out.with_suffix(".fit.json")
@@ -240,6 +268,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 "measurements": [asdict(m) for m in measurements],
                 "overhead_s": overhead,
                 "residuals": residuals,
+                "warnings": warnings,
             },
             indent=1,
         )
@@ -251,9 +280,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{row['part']} size={row['size']:>7} x{row['count']:<4} measured {row['seconds']:.5f}s "
             f"fit {row['predicted']:.5f}s residual {row['residual']:+.5f}s ({rel:+.1%})"
         )
+    for warning in warnings:
+        _progress(f"keye-data calibrate: warning: {warning}")
     print(
         json.dumps(
-            {"cost_model": asdict(model), "overhead_s": overhead, "out": str(out), "fit": str(fit_path)},
+            {"cost_model": asdict(model), "overhead_s": overhead, "out": str(out), "fit": str(fit_path)}
+            | {"warnings": warnings},
             indent=1,
         )
     )
@@ -275,7 +307,8 @@ def add_subcommands(subparsers: Any) -> None:
     c = subparsers.add_parser("calibrate", help="time ViT/LLM passes and fit the CostModel coefficients")
     c.add_argument("--model", choices=("tiny", "keye_8b"), default="tiny")
     c.add_argument(
-        "--out", help="cost JSON to write (default recipes/cost_<model>.json); fit report beside it"
+        "--out",
+        help="cost JSON (default: the repository's recipes/cost_<model>.json); fit report beside it",
     )
     c.add_argument("--vit-sides", default="4,8,16,32", help="square patch grids (side in patches) to time")
     c.add_argument("--llm-lengths", default="128,256,512,1024,2048", help="packed sample lengths to time")

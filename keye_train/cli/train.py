@@ -9,17 +9,26 @@ import sys
 import torch
 import torch.distributed as dist
 
+from keye_train.cli.failure import report_failure, run_reporting
+from keye_train.cli.launcher_guard import watch_launcher
 from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
 from keye_train.distributed.parallel_dims import ParallelDims, init_distributed, shutdown_distributed
 from keye_train.train.build import resolve_device
+from keye_train.train.preflight import broadcast_preflight
+from keye_train.train.summary import print_run_summary
 
 USAGE = """usage: keye-train recipe=NAME [key=value ...]
 
 Runs one stage of the curriculum. Any key of the recipe can be overridden, e.g.
   keye-train recipe=stage2_multitask run_dir=runs/s2 steps=100 parallel.tp=2 stage.init_from=runs/s1
 Under torchrun every rank runs the same command (launch/torchrun.sh, launch/slurm.sbatch).
+A failure prints one line (from the rank that failed) and leaves the traceback in RUN_DIR/logs/.
 Recipes: {recipes}
 """
+
+
+class ConfigError(ValueError):
+    same_on_every_rank = True  # every rank parses the same command line: rank 0 reports it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe, overrides = split_recipe_arg(argv)
         resolved, cfg = compose_config(recipe, overrides)
     except ValueError as exc:
-        print(f"keye-train: error: {exc}", file=sys.stderr)
+        report_failure(ConfigError(str(exc)), run_dir=None)
         return 2
+    return run_reporting(lambda: _run(recipe, resolved, cfg), run_dir=lambda: cfg.run_dir)
+
+
+def _run(recipe: str, resolved, cfg) -> int:
+    watch_launcher()  # under torchrun: stop when the launcher dies
     device = resolve_device(cfg.parallel.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
@@ -55,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     resolved_yaml = OmegaConf.to_yaml(resolved, resolve=True)
+    broadcast_preflight(cfg, rank=rank, log=print)  # writable dirs, what resume continues, stage match
     if rank == 0:
         save_resolved(resolved, os.path.join(cfg.run_dir, "config.yaml"))
         print(f"keye-train: {recipe} on {dims.describe()}, run_dir={cfg.run_dir}", flush=True)
@@ -65,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TrainerClass(cfg, dims=dims, device=device, resolved_yaml=resolved_yaml)
     trainer.setup()
     trainer.run()
+    if rank == 0:
+        print_run_summary(trainer)
     shutdown_distributed()
     return 0
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from keye_train.config.schema import TrainConfig
 
@@ -52,11 +54,44 @@ def compose_config(recipe: str, overrides: list[str]) -> tuple[DictConfig, Train
         OmegaConf.resolve(cfg)
         typed = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        message = str(exc).split("\n")[0]
+        message = _bad_value_message(exc, overrides) or str(exc).split("\n")[0]
         if message.startswith("Could not override"):
             message += " It is not a key of the schema (keye_train/config/schema.py); check its spelling."
         raise ValueError(f"recipe {recipe!r}: {message}") from None
     return cfg, typed
+
+
+def expected_type(full_key: str) -> str | None:
+    """The schema's annotation of a dotted key (`parallel.tp` -> 'int'), or None when it has none."""
+    cls: typing.Any = TrainConfig
+    annotation: typing.Any = None
+    for part in full_key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        annotation = hints[part]
+        cls = annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _bad_value_message(exc: BaseException, overrides: list[str]) -> str | None:
+    """'parallel.tp=two: expected int (Value 'two' ... could not be converted to Integer)' for an override
+    value of the wrong type; Hydra's own first line ("Error merging override ...") names no reason."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, ValidationError) and getattr(cause, "full_key", None)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    key = str(cause.full_key)
+    given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+    reason = str(getattr(cause, "msg", "") or cause).split("\n")[0]
+    expected = expected_type(key)
+    value = f"={given}" if given is not None else ""
+    return f"{key}{value}: " + (f"expected {expected} ({reason})" if expected else reason)
 
 
 def save_resolved(cfg: DictConfig, path: str | Path) -> None:

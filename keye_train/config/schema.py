@@ -143,7 +143,11 @@ class TrainConfig:
     run_dir: str = MISSING  # metrics.jsonl, resolved config and (by default) checkpoints go here
     steps: int = MISSING  # optimizer steps of this stage
     seed: int = 0
-    resume: bool = True  # continue from the latest complete checkpoint in checkpoint.dir, if any
+    resume: bool = True  # continue from the newest checkpoint in checkpoint.dir that verifies, if any
+    # Start over in a run_dir that holds an earlier run (its metrics.jsonl and checkpoint dir are moved
+    # aside with a timestamp). Without it such a start is refused: a mistyped checkpoint.dir would
+    # otherwise restart at step 0 and append duplicate steps (train/preflight.py).
+    fresh_run: bool = False
     max_nonfinite_steps: int = 5  # skipped steps (non-finite loss or gradient) before the run stops
     peak_tflops: float | None = None  # peak TFLOP/s of one device (H100 bf16 dense: 989); enables MFU
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -164,5 +165,8 @@ def init_distributed(*, device_type: str = "cpu") -> int:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
-        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        # torchrun's LOCAL_RANK: the rank's GPU on its node (rank % count is wrong with uneven nodes).
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
+        torch.cuda.set_device(index)
     return dist.get_rank()

@@ -27,9 +27,10 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases. online needs mode=online AND WANDB_API_KEY; otherwise runs are offline files."""
+    """Weights & Biases, off unless asked for (issue 13: its warning appeared on every run). online needs
+    mode=online AND WANDB_API_KEY; offline writes wandb files into the run dir."""
 
-    mode: str = "offline"
+    mode: str = "disabled"
     project: str = "keye_train"
     run_name: str | None = None  # default: the run directory's name
 
@@ -105,6 +106,7 @@ class MetricsLogger:
         self._bar = None
         self._wandb_run = None
         self._tb_writer = None
+        self._redirect = None  # tqdm's logging redirect while the bar is shown
         self._run_config = run_config
         self._started = False
 
@@ -123,10 +125,14 @@ class MetricsLogger:
         self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if self.cfg.progress_bar:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(
                 total=self.total_steps, initial=self.last_step + 1, desc="train", dynamic_ncols=True
             )
+            # Log records (skipped samples, I/O servers) go above the bar too, never through it.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
         if self.cfg.wandb.mode != "disabled":
             self._wandb_run = self._init_wandb()
         if self.cfg.tensorboard:
@@ -172,6 +178,9 @@ class MetricsLogger:
         return module.SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def close(self) -> None:
+        if getattr(self, "_redirect", None) is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         for closer in (self._file, self._bar, self._tb_writer):
             if closer is not None:
                 closer.close()
@@ -273,6 +282,11 @@ class MetricsLogger:
             self._bar.set_postfix(loss=f"{record['loss']}", refresh=False)
         if (record["step"] + 1) % self.cfg.log_interval == 0:
             self._print(summary_line(record))
+
+    def print_line(self, line: str) -> None:
+        """A console line from the trainer (rank 0): above the progress bar, never through it."""
+        if self.is_writer:
+            self._print(line)
 
     def _print(self, line: str) -> None:
         if self._bar is not None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 KINDS = ("cosine", "wsd", "constant")
 WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
@@ -44,9 +47,8 @@ class ScheduleConfig:
             f"schedule.total_steps={self.total_steps!r} must be an integer >= 1",
         )
         _require(
-            isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.total_steps,
-            f"schedule.warmup_steps={self.warmup_steps!r} must be an integer in [0, total_steps="
-            f"{self.total_steps}]",
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            f"schedule.warmup_steps={self.warmup_steps!r} must be an integer >= 0",
         )
         _require(
             0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
@@ -59,6 +61,7 @@ class ScheduleConfig:
             self.wsd_decay_shape in WSD_DECAY_SHAPES,
             f"schedule.wsd_decay_shape={self.wsd_decay_shape!r} must be one of {WSD_DECAY_SHAPES}",
         )
+        self._clamp_warmup()
         if self.kind == "wsd":
             _require(
                 self.decay_steps <= self.total_steps - self.warmup_steps,
@@ -66,6 +69,21 @@ class ScheduleConfig:
                 f"steps, more than the {self.total_steps - self.warmup_steps} steps left after "
                 f"warmup_steps={self.warmup_steps}",
             )
+
+    def _clamp_warmup(self) -> None:
+        """A short run (steps=6 under a recipe's warmup of 100) warms up over its whole length instead of
+        failing; WSD keeps its decay tail after the warmup."""
+        tail = self.decay_steps if self.kind == "wsd" else 0
+        limit = max(0, self.total_steps - tail)
+        if self.warmup_steps > limit:
+            log.info(
+                "schedule.warmup_steps=%d is longer than the run (total_steps=%d%s): clamped to %d",
+                self.warmup_steps,
+                self.total_steps,
+                f", {tail} WSD decay steps" if tail else "",
+                limit,
+            )
+            self.warmup_steps = limit
 
     @property
     def decay_steps(self) -> int:

@@ -156,7 +156,9 @@ class Trainer:
 
     def _log(self, message: str) -> None:
         if self.rank == 0:
-            print(message, flush=True)
+            # Through the metrics logger once it exists: the line goes above the tqdm bar (issue 13).
+            metrics = getattr(self, "metrics", None)
+            (metrics.print_line if metrics is not None else print)(message)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:

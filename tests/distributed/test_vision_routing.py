@@ -3,8 +3,17 @@
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_ranks
-from test_pp import ROWS, SEQ_LEN, assert_matches_reference, full_tensor, global_batch, reference_rows
+from harness import parity_optimizer, run_ranks
+from test_pp import (
+    LR,
+    ROWS,
+    SEQ_LEN,
+    STEPS,
+    assert_matches_reference,
+    full_tensor,
+    global_batch,
+    reference_rows,
+)
 
 from keye_train.data.batch import IGNORE_INDEX
 from keye_train.distributed.parallel_dims import ParallelDims
@@ -21,8 +30,6 @@ from keye_train.distributed.vision import (
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.toy_batch import toy_packed_batch
-
-STEPS, LR = 2, 1e-2
 
 
 def _cross_replica(items_per_replica: int):
@@ -85,7 +92,7 @@ def train_routed(rank, world_size, *, pp, tp, assign):
     owned = dict(pipeline.named_parameters())
     owned.update({f"visual.{n}": p for n, p in model.visual.named_parameters()})
     owned.update({f"mlp_AR.{n}": p for n, p in model.mlp_AR.named_parameters()})
-    optimizer = torch.optim.AdamW(owned.values(), lr=LR)
+    optimizer = parity_optimizer(owned.values(), lr=LR)
     losses, grads, reports = [], {}, []
     for step in range(STEPS):
         visual, report = router(items, pixels=held_pixels)

@@ -34,15 +34,17 @@ def synthetic(tmp_path_factory):
     return summary
 
 
-def train_command(*, nproc: int, port: int, overrides: list[str]) -> list[str]:
+def train_command(*, nproc: int, port: int = 0, overrides: list[str]) -> list[str]:
+    """`port` is ignored (kept for callers): --standalone lets the rendezvous bind a free port itself, so
+    runs never collide with another test, another suite on the machine or a leftover process."""
     if nproc == 1:
         return [sys.executable, "-m", "keye_train.cli.train", *overrides]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         f"--nproc_per_node={nproc}",
-        f"--master_port={port}",
         "-m",
         "keye_train.cli.train",
         *overrides,

@@ -407,3 +407,28 @@ def test_server_killed_mid_run_loses_nothing(two_servers, data):
     assert c.stats["failed_attempts"] >= 1  # A really held requests when it died ...
     assert c.stats["timeouts"] == 0  # ... and they moved on at its disconnection, not after timeout_s
     assert c.stats["local"] == 0
+
+
+@pytest.mark.dist
+def test_a_stopped_server_is_detected_by_heartbeat_and_its_work_resent(two_servers, data):
+    """Issue 13: a SIGSTOPped server held requests for a whole timeout_s (57 s). Its worker is stopped
+    first so that it certainly holds requests, then the server itself: no pong comes back, and within
+    hung_s its requests go to B; nothing is lost or duplicated."""
+    a, b = two_servers
+    os.kill(a.worker_pids[0], signal.SIGSTOP)
+    timer = threading.Timer(1.0, lambda: os.kill(a.pid, signal.SIGSTOP))  # the server this test started
+    requests = data.raw_requests * 2
+    try:
+        with IOClient(
+            [a.address, b.address], encoder=data.encoder, max_in_flight=4, timeout_s=120, hung_s=2.0
+        ) as c:
+            timer.start()
+            results = list(c.decode(requests))
+    finally:
+        timer.join()
+        os.kill(a.pid, signal.SIGCONT)  # so that the fixture can stop it
+        os.kill(a.worker_pids[0], signal.SIGCONT)
+    assert_same(results, data.expected * 2)
+    assert c.stats["hung"] == 1 and c.stats["failed_attempts"] >= 1  # A held requests and was given up
+    assert c.stats["timeouts"] == 0  # detected by the heartbeat, not after timeout_s
+    assert c.stats["local"] == 0  # re-sent to B

@@ -225,6 +225,33 @@ def test_slurm_usr1_is_forwarded_and_the_job_requeued(tmp_path: Path) -> None:
     assert "requeueing job 4242" in err.decode()
 
 
+def test_slurm_stops_a_trainer_that_outlives_kill_wait_and_requeues(tmp_path: Path) -> None:
+    """After SIGTERM Slurm SIGKILLs the job KillWait seconds later: the script must still requeue."""
+    env = _slurm_env(tmp_path, KEYE_KILL_WAIT_S="4")  # the fake srun ignores SIGTERM
+    log = tmp_path / "log.txt"
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "slurm.sbatch"), "recipe=a"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (log.exists() and "started" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)  # the fake srun would sleep 60 s
+    assert proc.returncode == 0, err
+    assert "did not stop within 2s of SIGTERM (KillWait 4s)" in err.decode()
+    assert log.read_text().splitlines()[-1] == "scontrol requeue 4242"
+
+
+def test_slurm_refuses_a_missing_virtualenv(tmp_path: Path) -> None:
+    env = _slurm_env(tmp_path, KEYE_VENV=str(tmp_path / "no_venv"))
+    result = _run([LAUNCH / "slurm.sbatch", "recipe=a"], env=env)
+    assert result.returncode == 2 and f"no virtualenv at {tmp_path / 'no_venv'}" in result.stderr
+
+
 def test_slurm_failure_is_not_requeued(tmp_path: Path) -> None:
     result = _run([LAUNCH / "slurm.sbatch", "recipe=a"], env=_slurm_env(tmp_path, SRUN_EXIT="3"))
     assert result.returncode == 3

@@ -39,7 +39,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="logging.wandb.mode"):
         WandbConfig(mode="cloud")
     assert LoggingConfig(wandb={"mode": "online"}).wandb.mode == "online"
-    assert LoggingConfig().wandb.mode == "offline"
+    assert LoggingConfig().wandb.mode == "disabled"  # quiet unless asked for (issue 13)
 
 
 def test_jsonl_records_every_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

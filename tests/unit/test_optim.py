@@ -261,16 +261,31 @@ def test_clip_over_dtensor_fsdp2_and_pipeline_ranks() -> None:
     [
         ({"kind": "linear"}, "schedule.kind"),
         ({"total_steps": 0}, "schedule.total_steps"),
-        ({"warmup_steps": 11, "total_steps": 10}, "schedule.warmup_steps"),
+        ({"warmup_steps": -1, "total_steps": 10}, "schedule.warmup_steps"),
         ({"min_lr_ratio": 1.5}, "schedule.min_lr_ratio"),
         ({"wsd_decay_fraction": 0.0}, "schedule.wsd_decay_fraction"),
         ({"wsd_decay_shape": "exp"}, "schedule.wsd_decay_shape"),
-        ({"kind": "wsd", "warmup_steps": 9, "total_steps": 10, "wsd_decay_fraction": 0.5}, "decay steps"),
     ],
 )
 def test_schedule_config_rejects_bad_values(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         ScheduleConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "clamped"),
+    [
+        ({"warmup_steps": 100, "total_steps": 6}, 6),  # issue 13: steps=6 under stage 2's warmup of 100
+        ({"kind": "wsd", "warmup_steps": 9, "total_steps": 10, "wsd_decay_fraction": 0.5}, 5),
+    ],
+)
+def test_warmup_longer_than_the_run_is_clamped_with_a_message(kwargs, clamped, caplog) -> None:
+    with caplog.at_level("INFO", logger="keye_train.train.schedule"):
+        cfg = ScheduleConfig(**kwargs)
+    assert cfg.warmup_steps == clamped
+    assert f"warmup_steps={kwargs['warmup_steps']}" in caplog.text and f"clamped to {clamped}" in caplog.text
+    lrs = _lrs(cfg, kwargs["total_steps"], peak=1.0)
+    assert lrs[clamped - 1] == pytest.approx(1.0) and all(lr > 0 for lr in lrs)
 
 
 def _lrs(cfg: ScheduleConfig, steps: int, peak: float = 2.0) -> list[float]:

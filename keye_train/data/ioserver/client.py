@@ -30,6 +30,8 @@ class _Server:
     outstanding: dict[int, tuple[int, float]] = field(default_factory=dict)  # seq -> (attempt, sent at)
     retry_at: float = 0.0  # when a down server is pinged again
     busy_until: float = 0.0  # it refused a request: prefer the others until then
+    last_ping: float = 0.0  # heartbeat: when it was last pinged while holding work
+    unanswered_since: float | None = None  # the oldest heartbeat ping it has not answered
 
 
 @dataclass
@@ -46,6 +48,10 @@ class IOClient:
     """Submits decode requests to I/O servers with at most `max_in_flight` outstanding, and yields the
     results in request order (each reply carries its request id, so order and resume stay exact).
 
+    A server that holds requests is pinged every `heartbeat_s`; one that answers nothing for `hung_s`
+    (stopped, swapped out, wedged: its broker answers pings even while every worker is busy) is marked
+    down and its requests are re-sent at once, long before their `timeout_s` (which must cover a slow
+    decode) runs out.
     A request that times out, or whose server disconnects or answers with an error, is sent to another
     server, at most `retries` more times; after that, or when no server is usable, it is decoded here with
     `encoder` (a logged warning, counted in `stats["local"]`). A `busy` reply (the server's high-water mark)
@@ -66,12 +72,15 @@ class IOClient:
         ship_bytes: bool = False,
         probe_timeout_s: float = 5.0,
         retry_down_s: float = 10.0,
+        hung_s: float = 5.0,
+        heartbeat_s: float = 1.0,
     ) -> None:
-        if max_in_flight < 1 or retries < 0 or timeout_s <= 0:
+        if max_in_flight < 1 or retries < 0 or timeout_s <= 0 or hung_s <= 0 or heartbeat_s <= 0:
             raise ValueError(
-                f"IOClient: max_in_flight={max_in_flight} >= 1, retries={retries} >= 0 and "
-                f"timeout_s={timeout_s} > 0 required"
+                f"IOClient: max_in_flight={max_in_flight} >= 1, retries={retries} >= 0, "
+                f"timeout_s={timeout_s}, hung_s={hung_s} and heartbeat_s={heartbeat_s} > 0 required"
             )
+        self.hung_s, self.heartbeat_s = hung_s, heartbeat_s
         self.timeout_s, self.retries, self.max_in_flight = timeout_s, retries, max_in_flight
         self.encoder, self.ship_bytes = encoder, ship_bytes
         self.probe_timeout_s, self.retry_down_s = probe_timeout_s, retry_down_s
@@ -96,6 +105,7 @@ class IOClient:
             ship_bytes=cfg.ship_bytes,
             probe_timeout_s=cfg.probe_timeout_s,
             retry_down_s=cfg.retry_down_s,
+            hung_s=cfg.hung_timeout_s,
         )
 
     def _connect(self, address: str) -> _Server:
@@ -281,6 +291,7 @@ class IOClient:
         for s in self.servers:
             # Drain everything that arrived (also while the caller was busy) before any deadline is judged.
             while s.sock in events and s.sock.poll(0):
+                s.unanswered_since = None  # any message shows it is alive
                 self._on_reply(s, s.sock.recv_multipart(copy=False), results=results, reqs=reqs)
             while s.monitor in events and s.monitor.poll(0):
                 if recv_monitor_message(s.monitor)["event"] == zmq.EVENT_DISCONNECTED:
@@ -357,10 +368,33 @@ class IOClient:
                     self._failed(reqs[seq], seq, s, "timeout", results=results)
             if s.state in ("down", "probing") and now >= s.retry_at:
                 self._ping(s, now)
+            self._heartbeat(s, now, reqs=reqs, results=results)
         # Retries go first: they are the oldest requests, which the in-order output is waiting for.
         retry = sorted(set(self._retry_queue))
         self._retry_queue.clear()
         pending.extendleft(reversed([seq for seq in retry if seq not in results]))
+
+    def _heartbeat(self, s: _Server, now: float, *, reqs: dict[int, _Req], results: dict) -> None:
+        """Ping a live server that holds work; declare it hung when it stays silent for hung_s."""
+        if s.state != "live" or not s.outstanding:
+            s.unanswered_since = None
+            return
+        if s.unanswered_since is not None and now - s.unanswered_since > self.hung_s:
+            self.stats["hung"] += 1
+            s.unanswered_since = None
+            self._lost(
+                s, f"hung: no answer to pings within hung_timeout_s={self.hung_s}", reqs=reqs, results=results
+            )
+            return
+        if now - s.last_ping >= self.heartbeat_s:
+            try:
+                s.sock.send(proto.pack_header({"op": "ping", "id": None}), zmq.NOBLOCK)
+            except zmq.Again:
+                self._lost(s, "not connected", reqs=reqs, results=results)
+                return
+            s.last_ping = now
+            if s.unanswered_since is None:
+                s.unanswered_since = now
 
     def _fallback(self, r: _Req, why: str) -> Result:
         self.stats["local"] += 1

@@ -42,6 +42,9 @@ class IOServerConfig:
     ship_bytes: bool = False  # read samples here and send their bytes (servers without the shard files)
     probe_timeout_s: float = 5.0  # how long the first health check waits for the servers
     retry_down_s: float = 10.0  # a server that failed is pinged again after this
+    # A server holding requests that answers no ping for this long (stopped, wedged) is given up on and its
+    # requests re-sent at once, without waiting for timeout_s.
+    hung_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.addresses = list(self.addresses)
@@ -52,7 +55,7 @@ class IOServerConfig:
                 )
         if len(set(self.addresses)) != len(self.addresses):
             raise ValueError(f"data.ioserver.addresses={self.addresses} lists a server twice")
-        for key in ("timeout_s", "probe_timeout_s", "retry_down_s"):
+        for key in ("timeout_s", "probe_timeout_s", "retry_down_s", "hung_timeout_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"data.ioserver.{key}={getattr(self, key)} must be > 0")
         if self.retries < 0:

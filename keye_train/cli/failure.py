@@ -1,0 +1,119 @@
+"""How a keye-train run fails: one line on the console, from the rank that failed; the traceback in a log
+file; torchrun's error file so the launcher names the root cause (torch.distributed.elastic `record`).
+
+An error every rank hits alike (a bad config, a refused resume) is printed by rank 0 only: the other
+ranks stay silent and give the launcher a moment to stop them, so the operator reads it once. Any other
+error of a rank other than 0 is printed unless rank 0 logged the very same line during this run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+from keye_train.checkpoint.verify import root_os_error
+
+LOG_DIR = "logs"  # under run_dir: error-rank<N>.log holds the traceback of a failed rank
+# Ranks other than 0 wait this long for the launcher to stop them after an error that rank 0 reports.
+FOLLOWER_GRACE_S = 30.0
+# A rank other than 0 waits this long for rank 0's log before printing its own line: when rank 0 failed
+# with the same message (a bug, a bad file every rank reads), the operator reads it once.
+SAME_ERROR_WAIT_S = 3.0
+_STARTED = time.time()
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def describe_os_error(err: OSError) -> str:
+    """'cannot write PATH: No space left on device (ENOSPC)'-style text naming the path and the cause."""
+    code = errno.errorcode.get(err.errno or 0, "")
+    cause = (err.strerror or str(err)) + (f" ({code})" if code else "")
+    path = err.filename or "a file"
+    hint = {
+        errno.ENOSPC: "; free space there or point run_dir/checkpoint.dir elsewhere",
+        errno.EDQUOT: "; free space there or point run_dir/checkpoint.dir elsewhere",
+        errno.EROFS: "; the file system is read-only: choose a writable run_dir/checkpoint.dir",
+        errno.EACCES: "; make it writable or choose another run_dir/checkpoint.dir",
+    }.get(err.errno or 0, "")
+    detail = getattr(err, "detail", "")
+    return f"cannot write {path}: {cause}" + (f"; {detail}" if detail else "") + hint
+
+
+def one_line(exc: BaseException) -> str:
+    """The console line of an error: the OS cause when there is one, else the exception's first line."""
+    os_error = root_os_error(exc)
+    if os_error is not None:
+        return describe_os_error(os_error)
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def write_traceback(exc: BaseException, *, run_dir: str | None) -> Path:
+    """The traceback in run_dir/logs/error-rank<N>.log, or in the temp dir when run_dir is not writable.
+    Its first line is the console line's message (what other ranks compare theirs with)."""
+    text = one_line(exc) + "\n\n" + "".join(traceback.format_exception(exc))
+    name = f"error-rank{_rank()}.log"
+    candidates = [Path(run_dir) / LOG_DIR] if run_dir else []
+    candidates.append(Path(tempfile.gettempdir()) / f"keye-train-{os.getpid()}")
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("<unwritable>")
+
+
+def report_failure(exc: BaseException, *, run_dir: str | None, prefix: str = "keye-train") -> int:
+    """Log, record and print one failure; returns the exit code (1)."""
+    shared = getattr(exc, "same_on_every_rank", False)
+    rank = _rank()
+    if shared and rank != 0:
+        # Rank 0 reports it; stay quiet until the launcher stops this rank (or give up after a while).
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            time.sleep(FOLLOWER_GRACE_S)
+        return 1
+    log_path = write_traceback(exc, run_dir=run_dir)
+    with contextlib.suppress(OSError):
+        get_error_handler().record_exception(exc)  # torchrun's error file, when it set one
+    if rank != 0 and run_dir and _rank0_failed_alike(exc, run_dir=run_dir):
+        return 1  # rank 0 prints the same line; this rank's traceback is in its log all the same
+    where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"{prefix}: error{where}: {one_line(exc)} (traceback: {log_path})", file=sys.stderr, flush=True)
+    return 1
+
+
+def _rank0_failed_alike(exc: BaseException, *, run_dir: str) -> bool:
+    """Whether rank 0 logged the same one-line error during this run (within SAME_ERROR_WAIT_S)."""
+    log = Path(run_dir) / LOG_DIR / "error-rank0.log"
+    deadline = time.monotonic() + SAME_ERROR_WAIT_S
+    while True:
+        with contextlib.suppress(OSError):
+            if log.stat().st_mtime >= _STARTED:  # not a log of an earlier run
+                return log.read_text().split("\n", 1)[0] == one_line(exc)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def run_reporting(fn: Callable[[], int], *, run_dir: Callable[[], str | None]) -> int:
+    """fn(); any exception becomes one reported failure (KeyboardInterrupt and SystemExit pass)."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        return report_failure(exc, run_dir=run_dir())
