@@ -23,6 +23,8 @@ setup(
         "pyyaml",
         "tqdm",
         "pyzmq",
+        # parquet inputs of `keye-data convert` (caption, interleaved)
+        "pyarrow>=14",
         # Ulysses context parallelism (DistributedAttention). DeepSpeed ships only a source package whose
         # build imports torch, so `make install` installs it with --no-build-isolation (no CUDA torch).
         "deepspeed",
