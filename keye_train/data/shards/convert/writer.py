@@ -211,11 +211,15 @@ def _run(cfg: ConvertConfig, jobs: Iterator[ShardJob], progress: bool) -> tuple[
     reports: dict[int, dict] = {}
     resumed = 0
     bar = tqdm(desc=f"convert {cfg.format}", unit="shard", file=sys.stderr, disable=not progress)
-    pool = (
-        ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"))
-        if cfg.workers > 1
-        else None
-    )
+    pool = None
+    if cfg.workers > 1:
+        # forkserver: workers start from a clean process (no inherited threads) that imported the
+        # converter once, instead of every spawned worker importing torch on its own.
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(
+            ["keye_train.data.shards.index", f"{__package__}.{FORMATS[cfg.format]}"]
+        )
+        pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context)
     pending: dict[int, Future] = {}
     try:
         for job in jobs:
@@ -247,6 +251,9 @@ def convert(cfg: ConvertConfig, *, progress: bool = True) -> dict:
     """Run a conversion (see the module docstring); returns the summary also written to report.json."""
     module = format_module(cfg.format)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(cfg.out.glob("*.tmp.*")):  # half-written files of an interrupted conversion
+        log.warning("removing %s, left by an interrupted conversion", stale)
+        stale.unlink()
     reports, resumed = _run(cfg, _jobs(cfg, module), progress)
     bad = [b for r in reports for b in r["bad"]]
     by_reason = Counter(b["reason"] for b in bad)
