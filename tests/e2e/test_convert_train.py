@@ -1,21 +1,28 @@
-"""keye-train trains on what `keye-data convert` wrote: every converted kind in one manifest, planned by
-the indexed loader from the converter's indexes (one short run covers them all)."""
+"""keye-train trains on what `keye-data convert` wrote (every converted kind) and on a Megatron indexed
+dataset built with megatron-core's IndexedDatasetBuilder, all in one manifest, planned by the indexed
+loader from the converter's indexes (one short run covers them all)."""
 
 import json
 import random
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import metrics, train
 from PIL import Image
 
 from keye_train.data.shards.convert.writer import ConvertConfig, convert
+from keye_train.data.shards.index import build_index
 from keye_train.data.shards.manifest import load_manifest
 from keye_train.data.synth.media import synth_video
 from keye_train.data.synth.shards import build_tokenizer
+from keye_train.data.text.tokenizer import load_tokenizer
+
+IndexedDatasetBuilder = pytest.importorskip("megatron.core.datasets.indexed_dataset").IndexedDatasetBuilder
 
 pytestmark = [pytest.mark.slow]
-STEPS = 3
+STEPS = 4
 
 
 def _image(path, seed):
@@ -105,6 +112,17 @@ def test_keye_train_on_every_converted_kind(tmp_path):
         total += summary["samples"]
         source = load_manifest(out / "manifest.yaml").sources[0]
         sources.append({"name": source.name, "kind": source.kind, "shards": source.shards, "weight": 1.0})
+    tok = load_tokenizer(tmp_path / "tok")
+    builder = IndexedDatasetBuilder(str(tmp_path / "mega.bin"), dtype=np.uint16)
+    for i in range(6):
+        ids = tok.encode(f"megatron document {i} " * (i + 2)) + [tok.ids.endoftext]
+        builder.add_document(torch.tensor(ids), lengths=[len(ids)])
+    builder.finalize(str(tmp_path / "mega.idx"))
+    build_index(tmp_path / "mega.bin", tokenizer=tok)
+    sources.append(
+        {"name": "mega", "kind": "megatron", "shards": [str(tmp_path / "mega.bin")], "weight": 1.0}
+    )
+    total += 6
     manifest = tmp_path / "all.yaml"
     manifest.write_text(yaml.safe_dump({"tokenizer": str(tmp_path / "tok"), "sources": sources}))
     run_dir = tmp_path / "run"
@@ -124,7 +142,7 @@ def test_keye_train_on_every_converted_kind(tmp_path):
     records = metrics(run_dir)
     assert sorted(records) == list(range(STEPS))
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records.values())
-    # more samples than the dataset holds were trained on (a whole epoch of every source), none skipped,
+    # more samples than the sources hold were trained on, none skipped,
     # and the converter's indexes predicted the token counts exactly
     assert records[STEPS - 1]["samples_total"] > total
     assert all(r["skipped_samples"] == 0 for r in records.values())

@@ -14,6 +14,7 @@ from PIL import Image
 
 from keye_train.data.batch import EncodedSample
 from keye_train.data.media.image import open_image
+from keye_train.data.shards import megatron
 from keye_train.data.shards.manifest import SourceConfig
 from keye_train.data.shards.sources import RawRecord, iter_records
 from keye_train.data.text import chat
@@ -160,6 +161,8 @@ class SampleEncoder:
         raise ValueError(f"unknown sample kind {rec.kind!r}")
 
     def encode(self, rec: RawRecord) -> EncodedSample:
+        if rec.kind == megatron.KIND:  # token ids already: nothing to render or tokenise
+            return megatron.encode(rec, self.tok)
         images, videos, pixels, grids = self._media(rec)
         segments = self.render(rec, images, videos)
         input_ids, labels = chat.encode_segments(segments, encode_batch=self.tok.encode_batch)

@@ -10,7 +10,7 @@ from typing import Any
 
 import webdataset as wds
 
-from keye_train.data.shards import schema
+from keye_train.data.shards import megatron, schema
 from keye_train.data.shards.manifest import SourceConfig
 from keye_train.data.shards.tarread import iter_local_tar
 
@@ -60,6 +60,9 @@ def iter_raw(source: SourceConfig, *, on_error: Callable[[str, str], None] | Non
         return True
 
     for url in source.shards:
+        if source.kind == megatron.KIND:
+            yield from megatron.iter_raw(url, on_error=report)
+            continue
         if _is_local_tar(url):
             yield from iter_local_tar(url, on_error=report)
             continue
@@ -122,6 +125,10 @@ def parse_raw(raw: Mapping, *, source: SourceConfig) -> RawRecord:
     key = str(raw.get("__key__", "?"))
     rec = RawRecord(key=key, source=source.name, kind=source.kind)
     kind = source.kind
+    if kind == megatron.KIND:
+        member, data = megatron.parse_tokens(raw)
+        rec.media = [(member, "tokens", data)]
+        return rec
     if kind == "text":
         rec.text = _text(raw, _first_member(raw, ("txt", "text", "md"), "text"))
     elif kind == "caption":
