@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SEEK_COST = 4.0  # frames' worth of decoding one seek costs (decoder flush + pipeline refill), measured
+SEEK_COST = 4.0  # frames' worth of decoding one seek is taken to cost (decoder flush + refill): an estimate
 
 
 @dataclass
