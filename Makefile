@@ -22,6 +22,9 @@ $(STAMP): setup.py
 	# keye-vl-utils is the preprocessing reference for parity tests; its declared dependencies
 	# (torchvision) have no CPU build matching torch 2.13.0, so it is installed alone.
 	$(PIP) install -q --no-deps keye-vl-utils==1.5.2
+	# megatron-core reads Megatron-LM .bin/.idx text datasets (IndexedDataset); its declared dependencies
+	# are not needed for that and would pull GPU packages, so it is installed alone too.
+	$(PIP) install -q --no-deps megatron-core==0.16.1
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install keye_train with its dev extras (CPU torch)

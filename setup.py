@@ -26,6 +26,8 @@ setup(
         "tqdm",
         "pyzmq",
         "matplotlib==3.11.2",  # keye-report's curves (PNG, Agg backend)
+        # parquet inputs of `keye-data convert` (caption, interleaved)
+        "pyarrow>=14",
         # Ulysses context parallelism (DistributedAttention). DeepSpeed ships only a source package whose
         # build imports torch, so `make install` installs it with --no-build-isolation (no CUDA torch).
         "deepspeed",

@@ -1,6 +1,8 @@
-"""Data pipeline throughput per CPU core on the synthetic mix, and video decode + SlowFast vs keye-vl-utils.
+"""Data pipeline throughput per CPU core on the synthetic mix, and video decode + SlowFast vs keye-vl-utils:
+on the synthetic clips and, side by side, on generated 720p/1080p H.264 clips with scene cuts.
 
-Usage: python bench/data_pipeline.py [--samples 250] [--seed 0] [--out bench/results/data_pipeline.json]
+Usage: python bench/data_pipeline.py [--samples 250] [--seed 0] [--clips 1280x720x20,1920x1080x60]
+       [--keyint-s 2] [--out bench/results/data_pipeline.json]
 """
 
 from __future__ import annotations
@@ -110,6 +112,111 @@ def bench_video(data_dir: Path, ref, *, repeats: int) -> dict:
     return out
 
 
+def make_clip(path: Path, *, width: int, height: int, seconds: float, fps: int, keyint: int) -> float:
+    """An H.264 clip (x264 superfast: B-frames, a keyframe every `keyint` frames and at scene cuts) of
+    textured gradient scenes with a moving square and a hard cut every ~6 s; returns seconds taken."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(width + int(seconds))
+    n = int(seconds * fps)
+    cuts = sorted(rng.choice(np.arange(fps, n - fps), size=max(1, int(seconds // 6)), replace=False).tolist())
+    bounds = [0, *cuts, n]
+    start = time.perf_counter()
+    yy, xx = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "superfast", "g": str(keyint), "crf": "23"}
+        for a, b in zip(bounds, bounds[1:]):
+            c0, c1 = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+            scene = (xx[..., None] / width) * c0 + (yy[..., None] / height) * c1
+            texture = rng.integers(0, 40, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+            scene = np.clip(scene + texture[:height, :width], 0, 255).astype(np.uint8)
+            color, side = rng.integers(0, 255, 3).astype(np.uint8), height // 5
+            for i in range(a, b):
+                frame = scene.copy()
+                x, y = (i - a) * 7 % (width - side), int(height / 3 + height / 4 * np.sin(i / 9))
+                frame[y : y + side, x : x + side] = color
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return time.perf_counter() - start
+
+
+def measure_clip(which: str, path: str) -> dict:
+    """One side in this (fresh) process: seconds and peak resident memory above the start."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        before_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
+    start = time.perf_counter()
+    if which == "ours":
+        plan, resized = resize_video(path, VideoConfig(decoder="pyav"))
+        n = len(plan.frames)
+    else:
+        frames, _ = load_reference().fetch_video({"video": path})
+        n = int(frames.shape[0])
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": round(seconds, 3), "peak_mib": round((peak_kib - before_kib) / 1024, 1), "frames": n}
+
+
+def same_frames(path: str, ref) -> dict:
+    """Our plan equals fetch_video's, and our decoded frames equal decord's (its reader) bit for bit."""
+    import decord
+    import numpy as np
+
+    from keye_train.data.media.video import _decode, plan_video
+
+    cfg = VideoConfig(decoder="pyav")
+    decoded = _decode(path, cfg)
+    plan = plan_video(decoded, cfg)
+    theirs = decord.VideoReader(path).get_batch(decoded.indices).asnumpy()
+    pixels_equal = bool(np.array_equal(decoded.frames.permute(0, 2, 3, 1).numpy(), theirs))
+    _, kwargs = ref.fetch_video({"video": path})
+    types = [t == 1 for t in kwargs["frame_types"].tolist()]
+    plan_equal = types == [f.is_fast for f in plan.frames] and plan.slow_hw == (
+        kwargs["height"],
+        kwargs["width"],
+    )
+    return {"decoded_frames_equal_decord": pixels_equal, "plan_equals_fetch_video": bool(plan_equal)}
+
+
+def bench_clips(specs: list[str], *, keyint_s: float, ref) -> list[dict]:
+    import subprocess
+
+    from keye_train.data.media.video_seek import decode_planned
+
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_clips_"))
+    for spec in specs:
+        width, height, seconds = (int(v) for v in spec.split("x"))
+        path = tmp / f"{width}x{height}_{seconds}s.mp4"
+        gen = make_clip(
+            path, width=width, height=height, seconds=seconds, fps=30, keyint=round(30 * keyint_s)
+        )
+        row = {"clip": f"{width}x{height}, {seconds} s, 30 fps, keyframe every {keyint_s} s + scene cuts"}
+        row["generate_s"] = round(gen, 1)
+        for which in ("ours", "keye_vl_utils"):
+            cmd = [sys.executable, __file__, "--measure-clip", which, str(path)]
+            result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            row[which] = json.loads(result.stdout.strip().splitlines()[-1])
+        row["speedup"] = round(row["keye_vl_utils"]["seconds"] / row["ours"]["seconds"], 2)
+        row |= same_frames(str(path), ref)
+        import av
+
+        from keye_train.data.media import slowfast
+
+        with av.open(str(path)) as container:
+            total, fps = container.streams.video[0].frames, float(container.streams.video[0].average_rate)
+        wanted = slowfast.sample_indices(total, slowfast.num_sampled_frames(total, fps, VideoConfig()))
+        _, info = decode_planned(av, str(path), wanted=set(wanted), fps=fps, what=spec)
+        row["decode_plan"] = info | {"sampled": len(wanted)}
+        print(json.dumps(row), file=sys.stderr)
+        out.append(row)
+    return out
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -122,10 +229,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_pipeline.json"))
+    parser.add_argument(
+        "--clips", default="1280x720x20,1920x1080x60", help="WIDTHxHEIGHTxSECONDS,... ('' skips)"
+    )
+    parser.add_argument("--keyint-s", type=float, default=2.0, help="keyframe interval of the clips, seconds")
+    parser.add_argument("--skip-synth", action="store_true", help="only the generated clips")
+    parser.add_argument("--measure-clip", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_clip:
+        torch.set_num_threads(1)
+        print(json.dumps(measure_clip(*args.measure_clip)))
+        return
     torch.set_num_threads(1)  # per-core numbers: one process, one intra-op thread
-    data_dir = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    synth_dataset(SynthConfig(out=data_dir, samples=args.samples, seed=args.seed))
     ref = load_reference()
     result = {
         "command": " ".join(["python", *sys.argv]),
@@ -135,18 +250,22 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
         },
-        "synth": {"samples": args.samples, "seed": args.seed},
-        "per_kind": bench_kinds(data_dir, repeats=args.repeats),
-        "video_vs_keye_vl_utils": bench_video(data_dir, ref, repeats=args.repeats),
     }
+    if args.clips and ref is not None:
+        clips = [c for c in args.clips.split(",") if c]
+        result["clips_vs_keye_vl_utils"] = bench_clips(clips, keyint_s=args.keyint_s, ref=ref)
+    if not args.skip_synth:
+        data_dir = Path(tempfile.mkdtemp(prefix="bench_data_"))
+        synth_dataset(SynthConfig(out=data_dir, samples=args.samples, seed=args.seed))
+        result["synth"] = {"samples": args.samples, "seed": args.seed}
+        result["per_kind"] = bench_kinds(data_dir, repeats=args.repeats)
+        result["video_vs_keye_vl_utils"] = bench_video(data_dir, ref, repeats=args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "video_vs_keye_vl_utils"}, indent=1))
-    print(
-        json.dumps(
-            {k: v for k, v in result["video_vs_keye_vl_utils"].items() if k != "per_video_ms"}, indent=1
-        )
-    )
+    if "video_vs_keye_vl_utils" in result:
+        video = result["video_vs_keye_vl_utils"]
+        print(json.dumps({k: v for k, v in video.items() if k != "per_video_ms"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,42 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from keye_train.data.shards.convert.writer import ConvertConfig, convert
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r} must be KEY=VALUE, e.g. --option caption_field=text")
+        options[key] = value
+    cfg = ConvertConfig(
+        format=args.format,
+        inputs=[Path(p) for p in args.inputs],
+        out=Path(args.out),
+        media_root=Path(args.media_root),
+        workers=args.workers,
+        samples_per_shard=args.samples_per_shard,
+        tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+        name=args.name,
+        options=options,
+    )
+    start = time.perf_counter()
+    summary = convert(cfg, progress=not args.no_progress)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    bad = sum(summary["bad"].values())
+    _progress(
+        f"{summary['samples']} of {summary['records']} records converted into {summary['shards']} shards "
+        f"({summary['resumed_shards']} already finished); {bad} bad: "
+        + (", ".join(f"{r} {n}" for r, n in summary["bad"].items() if n) or "none")
+    )
+    for reason, examples in summary["examples"].items():
+        for example in examples:
+            _progress(f"  {reason}: {example}")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _manifest_for(path: Path, kind: str | None):
     from keye_train.data.shards.manifest import DataConfig, SourceConfig, load_manifest
 
@@ -152,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-fps", type=int, default=8)
     p.add_argument("--video-seconds", type=float, default=3.0)
     p.set_defaults(func=cmd_synth)
+
+    from keye_train.data.shards.convert.writer import FORMATS
+
+    p = sub.add_parser(
+        "convert", help="convert LLaVA, ShareGPT-video, caption, interleaved, text or grounding data"
+    )
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files (or img2dataset folders / shards)")
+    p.add_argument("--media-root", default=".", help="directory that relative image/video paths start from")
+    p.add_argument("--out", required=True, help="output directory: shards, indexes, manifest.yaml, reports")
+    p.add_argument("--workers", type=int, default=1, help="conversion processes (default 1)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="input records per shard")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for the manifest and exact index counts")
+    p.add_argument("--name", default=None, help="source name and shard prefix (default: the format)")
+    p.add_argument("--option", action="append", default=[], help="format option KEY=VALUE (docs/data.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="per sample kind: counts, token counts and visual grids")
     p.add_argument("path", help="manifest YAML, a directory holding manifest.yaml, or a .tar shard (--kind)")

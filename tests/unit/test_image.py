@@ -194,3 +194,49 @@ def test_open_image_errors_name_the_input(tmp_path):
 def test_non_image_input_is_a_value_error():
     with pytest.raises(ValueError, match="ndarray"):
         preprocess_image(np.zeros((28, 28, 3), dtype=np.uint8), ImageConfig())
+
+
+# ------------------------------------------------------------------------------- no float64, vs HF
+
+
+def test_normalise_has_no_float64_and_is_exact_for_every_byte():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from keye_train.data.media.image import normalize_patchify
+
+    class Dtypes(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(t.dtype)
+            return out
+
+    pixels = (torch.arange(3 * 28 * 14) % 256).to(torch.uint8).reshape(3, 28, 14)  # every byte value
+    with Dtypes() as mode:
+        patches, grid = normalize_patchify(pixels, patch_size=14, mean=(0.5, 0.4, 0.3), std=(0.5, 0.25, 0.2))
+    assert torch.float64 not in mode.seen and grid == (2, 1)
+    # the reference processor's arithmetic: rescale in float64, cast, normalise in float32
+    ref = (pixels.numpy().astype(np.float64) * (1 / 255)).astype(np.float32)
+    ref = (ref - np.float32([0.5, 0.4, 0.3])[:, None, None]) / np.float32([0.5, 0.25, 0.2])[:, None, None]
+    got = patches.permute(1, 0, 2, 3).reshape(3, 28, 14).numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_pixels_equal_the_hf_qwen2_vl_processor():
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(5)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    cfg = ImageConfig()
+    patches, (gh, gw) = preprocess_image(image, cfg)
+    proc = transformers.Qwen2VLImageProcessorPil(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
+    )
+    out = proc(images=[image], return_tensors="np")
+    assert out["image_grid_thw"].tolist() == [[1, gh, gw]]
+    # HF rows: 2x2 merge groups in raster order, features (C, temporal 2, p, p) with the frame repeated
+    ours = patches.reshape(gh // 2, 2, gw // 2, 2, 3, 14, 14).permute(0, 2, 1, 3, 4, 5, 6)
+    ours = ours.reshape(-1, 3, 1, 14, 14).expand(-1, 3, 2, 14, 14).reshape(gh * gw, -1)
+    np.testing.assert_array_equal(ours.numpy(), out["pixel_values"])

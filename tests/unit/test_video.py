@@ -354,3 +354,79 @@ def test_resize_video_is_the_uint8_stage_of_preprocess_video(tmp_path):
         torch.testing.assert_close(result.pixel_values[offset : offset + h * w], by_hand, atol=0, rtol=0)
         offset += h * w
     assert offset == result.pixel_values.shape[0]
+
+
+# ------------------------------------------------------------------------ seeking, planned decoding
+
+
+@pytest.fixture(scope="module")
+def gop_video(tmp_path_factory):
+    """120 frames at 30 fps with B-frames (x264 default structure), a keyframe every 20 frames and a cut."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("needs libx264 for B-frames")
+    path = tmp_path_factory.mktemp("gop") / "gop.mp4"
+    rng = np.random.default_rng(3)
+    frames = []
+    for i in range(120):
+        img = picture(48, 64, 0 if i < 70 else 1)
+        img = np.roll(img, i, axis=1)  # motion: P/B frames carry real residuals
+        frames.append(np.clip(img.astype(int) + rng.integers(0, 8, img.shape), 0, 255).astype(np.uint8))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.options = {"g": "20", "bf": "3", "preset": "veryfast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _full_decode(path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [[0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 119], [5, 63, 101], [119], [1, 2, 3]],
+)
+def test_planned_decode_equals_a_full_decode(gop_video, wanted):
+    from keye_train.data.media.video_seek import decode_planned
+
+    full = _full_decode(gop_video)
+    kept, info = decode_planned(av, str(gop_video), wanted=set(wanted), fps=30.0, what="gop")
+    assert sorted(kept) == wanted
+    for i in wanted:
+        np.testing.assert_array_equal(kept[i], full[i])
+    assert info["frames_decoded"] < len(full)  # non-reference frames nobody needs are not decoded
+    if wanted == [5, 63, 101]:
+        assert info["seeks"] == 2  # far apart: seek to the keyframes before 63 and 101
+
+
+def test_pyav_decoder_uses_the_plan_and_matches_decord(gop_video):
+    cfg = VideoConfig(decoder="pyav")
+    planned = preprocess_video(str(gop_video), cfg)
+    assert planned.total_frames == 120 and len(planned.frames) == 8
+    pytest.importorskip("decord")
+    with_decord = preprocess_video(str(gop_video), VideoConfig(decoder="decord"))
+    assert with_decord.frames == planned.frames
+    assert torch.equal(with_decord.pixel_values, planned.pixel_values)
+
+
+def test_variable_frame_rate_falls_back_to_counting(tmp_path):
+    from keye_train.data.media.video_seek import decode_planned
+
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.height, stream.width, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, pts in enumerate([0, 100, 250, 300, 480, 500]):  # uneven gaps: pts do not index frames
+            frame = av.VideoFrame.from_ndarray(picture(32, 32, i), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with pytest.raises(ValueError, match="do not map one-to-one"):
+        decode_planned(av, str(path), wanted={0, 3}, fps=10.0, what="vfr")
+    result = preprocess_video(str(path), VideoConfig(decoder="pyav"))  # the counting decoder still works
+    assert result.total_frames == 6

@@ -6,6 +6,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 
 from keye_train.data.batch import EncodedSample
 from keye_train.data.media.image import open_image
+from keye_train.data.shards import megatron
 from keye_train.data.shards.manifest import SourceConfig
 from keye_train.data.shards.sources import RawRecord, iter_records
 from keye_train.data.text import chat
@@ -159,6 +161,8 @@ class SampleEncoder:
         raise ValueError(f"unknown sample kind {rec.kind!r}")
 
     def encode(self, rec: RawRecord) -> EncodedSample:
+        if rec.kind == megatron.KIND:  # token ids already: nothing to render or tokenise
+            return megatron.encode(rec, self.tok)
         images, videos, pixels, grids = self._media(rec)
         segments = self.render(rec, images, videos)
         input_ids, labels = chat.encode_segments(segments, encode_batch=self.tok.encode_batch)
@@ -177,23 +181,66 @@ class SampleEncoder:
         )
 
 
+@dataclass(frozen=True)
+class LengthLimit:
+    """Samples longer than max_seq_len: skipped (counted) or, with "truncate_text", cut if only text is
+    cut. Applied where samples are encoded, so an overlong sample is a counted skip like any other."""
+
+    max_seq_len: int
+    overlong: str = "skip"
+
+    def fit(self, sample: EncodedSample, *, vision_start: int, vision_end: int) -> EncodedSample:
+        from keye_train.data.loader.packing import truncate_text
+
+        if sample.num_tokens <= self.max_seq_len:
+            return sample
+        reason = f"overlong: {sample.num_tokens} tokens > max_seq_len {self.max_seq_len}"
+        if self.overlong == "truncate_text":
+            try:
+                return truncate_text(
+                    sample, max_len=self.max_seq_len, vision_start=vision_start, vision_end=vision_end
+                )
+            except ValueError as exc:
+                reason += f", not truncatable: {exc}"
+        raise ValueError(reason)
+
+
 def encode_records(
-    records: Iterable[RawRecord], *, encoder: SampleEncoder, counter: SkipCounter
+    records: Iterable[RawRecord],
+    *,
+    encoder: SampleEncoder,
+    counter: SkipCounter,
+    limit: LengthLimit | None = None,
 ) -> Iterator[EncodedSample]:
     """Encode each record; a failing one is skipped, logged with its key and reason, and counted."""
     for rec in records:
         try:
             sample = encoder.encode(rec)
+            if limit is not None:
+                ids = encoder.tok.ids
+                sample = limit.fit(sample, vision_start=ids.vision_start, vision_end=ids.vision_end)
         except Exception as exc:  # any bad input is a skip; only the skip-rate ceiling stops the run
-            counter.skip(rec.source, rec.key, f"{type(exc).__name__}: {exc}")
+            counter.skip(
+                rec.source, rec.key, str(exc) if _is_overlong(exc) else f"{type(exc).__name__}: {exc}"
+            )
             continue
         counter.ok(rec.source)
         yield sample
 
 
+def _is_overlong(exc: Exception) -> bool:
+    return isinstance(exc, ValueError) and str(exc).startswith("overlong")
+
+
 def iter_source_samples(
-    source: SourceConfig, *, encoder: SampleEncoder, counter: SkipCounter
+    source: SourceConfig,
+    *,
+    encoder: SampleEncoder,
+    counter: SkipCounter,
+    limit: LengthLimit | None = None,
 ) -> Iterator[EncodedSample]:
-    """All EncodedSamples of one source; unreadable shards and malformed samples are counted skips."""
+    """All EncodedSamples of one source; unreadable shards, malformed and (with a limit) overlong samples
+    are counted skips."""
     on_error = lambda key, reason: counter.skip(source.name, key, reason)
-    yield from encode_records(iter_records(source, on_error=on_error), encoder=encoder, counter=counter)
+    records = iter_records(source, on_error=on_error)
+    yield from encode_records(records, encoder=encoder, counter=counter, limit=limit)

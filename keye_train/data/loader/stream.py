@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keye_train.data.batch import PackedBatch
-from keye_train.data.loader.encode import SampleEncoder, SkipCounter, iter_source_samples
+from keye_train.data.loader.encode import LengthLimit, SampleEncoder, SkipCounter, iter_source_samples
 from keye_train.data.loader.packing import PackingConfig, pack
 from keye_train.data.plan.mixture import Mixture
 from keye_train.data.shards.manifest import DataConfig
@@ -101,8 +101,10 @@ class PackedStream(EpochStream):
         self._iterator: Iterator[PackedBatch] | None = None
 
     def _epoch(self, epoch: int) -> Iterator[PackedBatch]:
+        # Overlong samples are fitted (or skipped and counted) here, so the packer never drops one.
+        limit = LengthLimit(max_seq_len=self.packing.max_seq_len, overlong=self.packing.overlong)
         streams = {
-            s.name: iter_source_samples(s, encoder=self.encoder, counter=self.counter)
+            s.name: iter_source_samples(s, encoder=self.encoder, counter=self.counter, limit=limit)
             for s in self.data_cfg.sources
         }
         mixture = Mixture(

@@ -134,22 +134,25 @@ def normalize_patchify(
 ) -> tuple[Tensor, tuple[int, int]]:
     """uint8 (3, H, W) pixels -> float32 (H/p * W/p, 3, p, p) patches in raster order, and the grid (h, w).
 
-    Scaling by 1/255 happens in float64 before the float32 cast, as the reference processor's rescale
-    does, so values agree with it to the last bit.
+    The reference processor rescales in float64 (x * (1/255)) and casts to float32. A float32 division
+    by 255 gives the same float32 for every one of the 256 uint8 values (both are the correctly rounded
+    v/255), so values agree with it to the last bit with no float64 intermediate: the only image-sized
+    buffers are the uint8 patches and the float32 result, normalised in place.
     """
     assert pixels_chw.dtype == torch.uint8 and pixels_chw.dim() == 3, (pixels_chw.dtype, pixels_chw.shape)
     channels, height, width = pixels_chw.shape
     assert height % patch_size == 0 and width % patch_size == 0, (height, width, patch_size)
     grid_h, grid_w = height // patch_size, width // patch_size
     # Patchify the uint8 pixels first (a 1-byte copy), then normalise contiguous memory: the same
-    # element-wise arithmetic, so the values are unchanged, with far less strided float64 traffic.
+    # element-wise arithmetic, so the values are unchanged, with far less strided float traffic.
     # (c, gh, p, gw, p) -> (gh, gw, c, p, p): row-major over the patch grid
     patches = pixels_chw.reshape(channels, grid_h, patch_size, grid_w, patch_size).permute(1, 3, 0, 2, 4)
     patches = patches.reshape(grid_h * grid_w, channels, patch_size, patch_size)
-    x = (patches.to(torch.float64) * (1 / 255)).to(torch.float32)
+    x = patches.to(torch.float32)
+    del patches
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
-    return (x - mean_t) / std_t, (grid_h, grid_w)
+    return x.div_(255).sub_(mean_t).div_(std_t), (grid_h, grid_w)
 
 
 def resize_frames(frames_nchw: Tensor, size_hw: tuple[int, int]) -> Tensor:
@@ -189,5 +192,6 @@ def preprocess_image(image: PIL.Image.Image, cfg: ImageConfig) -> tuple[Tensor, 
         raise ValueError(f"preprocess_image expects a PIL.Image.Image, got {type(image).__name__}")
     rgb = to_rgb(image)
     resized = resize_image_bicubic(rgb, cfg.resized_hw(*rgb.size))
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+    del resized  # the uint8 pixels are all that is needed now; keep the peak low
     return normalize_patchify(pixels, patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std)

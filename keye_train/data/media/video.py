@@ -65,7 +65,8 @@ class VideoConfig:
     """False: an image-list video is taken as already sampled (every frame kept up to the cap), as vp
     `fetch_video` does for lists. True: sample it at `fps` like a decoded video."""
     decoder: str = "auto"
-    """Video reader: "auto" (decord when installed, else PyAV), "pyav", or "decord" (the reader vp uses)."""
+    """Video reader: "auto" (= "pyav"), "pyav" (seeks, skips what is not sampled: media/video_seek.py),
+    or "decord" (the reader vp uses; decodes every frame up to the last sampled one)."""
     patch_size: int = 14
     """ViT patch side in pixels (SigLIP patch14)."""
     merge_size: int = 2

@@ -86,7 +86,10 @@ def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decoded
             raise ValueError(f"video {what} has no frames")
         indices = pick(total, native_fps)
         _check_picked(indices, total, what)
-        kept, decoded = _decode_wanted(av, container, stream, set(indices), what)
+        kept = _decode_planned(av, source, set(indices), native_fps, what)
+        decoded = len(kept or ())
+        if kept is None or len(kept) != len(set(indices)):  # no pts map or a frame missing: count frames
+            kept, decoded = _decode_wanted(av, container, stream, set(indices), what)
     missing = [i for i in indices if i not in kept]
     if missing:
         raise ValueError(
@@ -96,6 +99,17 @@ def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decoded
     return DecodedFrames(
         frames=_stack([kept[i] for i in indices]), indices=indices, native_fps=native_fps, total_frames=total
     )
+
+
+def _decode_planned(av, source, wanted: set[int], fps: float, what: str) -> dict[int, np.ndarray] | None:
+    """The wanted frames by seeking and skipping (video_seek), or None where that cannot be used."""
+    from keye_train.data.media.video_seek import decode_planned
+
+    try:
+        kept, _ = decode_planned(av, source, wanted=wanted, fps=fps, what=what)
+    except (ValueError, av.error.FFmpegError):  # sequential decoding gives the reason, or the frames
+        return None
+    return kept
 
 
 def _count_packets(av, source: str | os.PathLike | bytes, what: str) -> int:
@@ -169,8 +183,10 @@ def decode_video(
             raise ValueError("video bytes are empty")
     elif not Path(source).is_file():
         raise ValueError(f"video file {os.fspath(source)!r} does not exist or is not a file")
-    if decoder == "auto":  # decord when installed (faster, and what keye-vl-utils reads with), else PyAV
-        decoder = "decord" if decord_available() else "pyav"
+    if decoder == "auto":
+        # PyAV with planned seeking and skipped non-reference frames (video_seek) decodes only what is
+        # sampled; decord decodes every frame up to the last one sampled. Both give the same frames.
+        decoder = "pyav"
     if decoder == "pyav":
         return decode_pyav(source, pick)
     if decoder == "decord":

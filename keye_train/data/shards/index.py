@@ -234,6 +234,12 @@ def build_index(
     an unreadable tail of the shard is recorded in the header's `tar_error`.
     """
     shard = Path(shard_path)
+    # --- hook (issue 12): Megatron .bin/.idx datasets are indexed by data/shards/megatron.py ---
+    from keye_train.data.shards import megatron
+
+    if kind == megatron.KIND or (kind is None and megatron.is_megatron_bin(shard)):
+        return megatron.build_index(shard, tokenizer=_as_tokenizer(tokenizer), options=options)
+    # --- end hook ---
     if kind is not None and kind not in SOURCE_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {SOURCE_KINDS}")
     if not shard.is_file():

@@ -10,7 +10,8 @@ from pathlib import Path
 import braceexpand
 import yaml
 
-SOURCE_KINDS = ("caption", "conversation", "interleaved", "video", "text")
+# megatron: Megatron-LM .bin/.idx token datasets (data/shards/megatron.py); the others: tar shards
+SOURCE_KINDS = ("caption", "conversation", "interleaved", "video", "text", "megatron")
 
 
 @dataclass

@@ -10,7 +10,9 @@ from typing import Any
 
 import webdataset as wds
 
+from keye_train.data.shards import megatron, schema
 from keye_train.data.shards.manifest import SourceConfig
+from keye_train.data.shards.tarread import iter_local_tar
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +37,39 @@ class RawRecord:
     meta: dict = field(default_factory=dict)
 
 
+def _is_local_tar(url: str) -> bool:
+    return url.endswith(".tar") and not url.startswith("pipe:") and "://" not in url
+
+
 def iter_raw(source: SourceConfig, *, on_error: Callable[[str, str], None] | None = None) -> Iterator[dict]:
     """The raw webdataset samples (dicts of member bytes) of a source, in shard order.
 
     Unreadable shards and tar members are reported through on_error(key_or_url, reason) and skipped.
+    Local uncompressed shards are read by tarread, which reports a cut shard sample by sample; other
+    URLs (pipes, object stores, compressed tars) go through webdataset.
     """
 
-    def handler(exc: Exception) -> bool:
+    def report(key: str, reason: str) -> None:
         if on_error is not None:
-            on_error(f"<shard of {source.name}>", f"tar read error: {type(exc).__name__}: {exc}")
+            on_error(key, reason)
         else:
-            log.warning("source %s: tar read error skipped: %s", source.name, exc)
+            log.warning("source %s: sample %s skipped: %s", source.name, key, reason)
+
+    def handler(exc: Exception) -> bool:
+        report(f"<shard of {source.name}>", f"tar read error: {type(exc).__name__}: {exc}")
         return True
 
-    dataset = wds.WebDataset(
-        source.shards, handler=handler, shardshuffle=False, nodesplitter=None, empty_check=False
-    )
-    yield from dataset
+    for url in source.shards:
+        if source.kind == megatron.KIND:
+            yield from megatron.iter_raw(url, on_error=report)
+            continue
+        if _is_local_tar(url):
+            yield from iter_local_tar(url, on_error=report)
+            continue
+        dataset = wds.WebDataset(
+            url, handler=handler, shardshuffle=False, nodesplitter=None, empty_check=False
+        )
+        yield from dataset
 
 
 def _json(raw: Mapping, member: str, key: str) -> Any:
@@ -84,20 +102,16 @@ def _members(raw: Mapping) -> list[str]:
 
 
 def _referenced_media(parts_lists: list, raw: Mapping) -> list[tuple[str, str, bytes]]:
-    """Media members referenced by content parts ({"type": "image", "image": member}), in order."""
+    """Media members referenced by (already schema-checked) content parts, in order of appearance."""
     media = []
     for parts in parts_lists:
         if isinstance(parts, str):
             continue
-        if not isinstance(parts, list):
-            raise ValueError(f"content must be a string or a list of parts, got {type(parts).__name__}")
         for part in parts:
-            if not isinstance(part, Mapping) and not isinstance(part, str):
-                raise ValueError(f"content part {part!r} is neither a string nor an object")
             if isinstance(part, str) or part.get("type") not in ("image", "video"):
                 continue
-            member = part.get(part["type"])
-            if not isinstance(member, str) or member not in raw:
+            member = part[part["type"]]
+            if member not in raw:
                 raise ValueError(
                     f"{part['type']} part references missing member {member!r}; members: {_members(raw)}"
                 )
@@ -105,47 +119,40 @@ def _referenced_media(parts_lists: list, raw: Mapping) -> list[tuple[str, str, b
     return media
 
 
-def _messages(doc: Any) -> list:
-    messages = doc.get("messages") if isinstance(doc, Mapping) else None
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("JSON has no non-empty `messages` list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m:
-            raise ValueError(f"messages[{i}] must be an object with role and content")
-    return messages
-
-
 def parse_raw(raw: Mapping, *, source: SourceConfig) -> RawRecord:
-    """Parse a raw sample of `source.kind`; a malformed sample raises ValueError with the reason."""
+    """Parse a raw sample of `source.kind` as docs/data.md defines it; a malformed sample raises
+    ValueError naming the member or JSON field at fault."""
     key = str(raw.get("__key__", "?"))
     rec = RawRecord(key=key, source=source.name, kind=source.kind)
     kind = source.kind
+    if kind == megatron.KIND:
+        member, data = megatron.parse_tokens(raw)
+        rec.media = [(member, "tokens", data)]
+        return rec
     if kind == "text":
         rec.text = _text(raw, _first_member(raw, ("txt", "text", "md"), "text"))
     elif kind == "caption":
         img = _first_member(raw, IMAGE_EXTS, "image")
         rec.text = _text(raw, "txt")
-        rec.meta = _json(raw, "json", key) if "json" in raw else {}
-        if isinstance(rec.meta, Mapping):
-            rec.question, rec.answer = rec.meta.get("question"), rec.meta.get("answer")
+        rec.meta = dict(schema.expect_object(_json(raw, "json", key), "json")) if "json" in raw else {}
+        rec.question, rec.answer = schema.check_caption_meta(rec.meta)
         rec.media = [(img, "image", raw[img])]
     elif kind == "conversation":
-        rec.messages = _messages(_json(raw, "json", key))
+        rec.messages = schema.check_messages(_json(raw, "json", key))
         rec.media = _referenced_media([m.get("content", "") for m in rec.messages], raw)
     elif kind == "interleaved":
-        doc = _json(raw, "json", key)
-        content = doc.get("content") if isinstance(doc, Mapping) else None
-        if not isinstance(content, list) or not content:
-            raise ValueError("interleaved JSON has no non-empty `content` list")
-        rec.content = content
-        rec.media = _referenced_media([content], raw)
+        rec.content = schema.check_interleaved(_json(raw, "json", key))
+        rec.media = _referenced_media([rec.content], raw)
     elif kind == "video":
-        if "json" in raw and "messages" in (doc := _json(raw, "json", key) or {}):
-            rec.messages = _messages(doc)
+        doc = _json(raw, "json", key) if "json" in raw else None
+        if isinstance(doc, Mapping) and "messages" in doc:
+            rec.messages = schema.check_messages(doc)
             rec.media = _referenced_media([m.get("content", "") for m in rec.messages], raw)
             if not any(t == "video" for _, t, _ in rec.media):
-                raise ValueError("video conversation references no video member")
+                raise ValueError("json.messages: references no video member")
         else:
+            if doc is not None:
+                schema.expect_object(doc, "json")
             vid = _first_member(raw, VIDEO_EXTS, "video")
             rec.text = _text(raw, "txt")
             rec.media = [(vid, "video", raw[vid])]
