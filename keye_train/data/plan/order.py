@@ -95,7 +95,13 @@ def build_tables(
                     tokens.append(0)
                     costs.append(0.0)
                     continue
-                llm_tokens, frame_patches = predict_tokens(e, image_cfg=image_cfg, video_cfg=video_cfg)
+                try:
+                    llm_tokens, frame_patches = predict_tokens(e, image_cfg=image_cfg, video_cfg=video_cfg)
+                except ValueError as exc:  # e.g. an aspect ratio over 200: the encoder would refuse it too
+                    e.error = f"{type(exc).__name__}: {exc}"
+                    tokens.append(0)
+                    costs.append(0.0)
+                    continue
                 tokens.append(int(llm_tokens))
                 costs.append(cost_model.sample_cost(tokens=int(llm_tokens), frame_patches=frame_patches))
             entries += shard_entries
