@@ -14,7 +14,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 METHODS = ("lpt", "kk", "random")
+# Least loaded ranks tried from the heap before one vectorised scan over all ranks' free room.
+_HEAP_TRIES = 4
+# Items placed one by one before the vectorised rounds take over: at least this many, and 8 per rank.
+_EXACT_MIN, _EXACT_ROUNDS = 20_000, 8
+_ROUNDS_MIN_RANKS, _ROUND_SHARE = 64, 4  # rounds from 64 ranks up, each round to the lightest 1/4
 
 
 @dataclass(frozen=True)
@@ -91,24 +98,122 @@ def _place(rank: RankPlan, item: PlanItem, microbatch: int) -> None:
     rank.cost += item.cost
 
 
-def _plan_lpt(items: Sequence[PlanItem], ranks: list[RankPlan], capacity: int) -> list[int]:
-    heap = [(r.cost, i) for i, r in enumerate(ranks)]
+class _LptState:
+    """Per-rank loads and microbatch fills, as Python lists (the exact, item-by-item placement) or
+    numpy arrays (the batched rounds); `to_arrays` / `to_lists` hand over between the two."""
+
+    def __init__(self, ranks: list[RankPlan], capacity: int) -> None:
+        self.capacity = capacity
+        self.cost = [r.cost for r in ranks]
+        self.fills = [list(r.microbatch_tokens) for r in ranks]
+        self.members = [r.microbatches for r in ranks]
+
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.cost, dtype=np.float64), np.asarray(self.fills, dtype=np.int64)
+
+    def to_lists(self, cost: np.ndarray, fills: np.ndarray) -> None:
+        self.cost, self.fills = cost.tolist(), fills.tolist()
+
+    def place(self, rank: int, index: int, tokens: int, cost: float) -> None:
+        mb, capacity = self.fills[rank], self.capacity
+        best, best_fill = 0, -1  # best fit: the fullest microbatch that still fits
+        for j, fill in enumerate(mb):
+            if fill + tokens <= capacity and fill > best_fill:
+                best, best_fill = j, fill
+        self.members[rank][best].append(index)
+        mb[best] += tokens
+        self.cost[rank] += cost
+
+
+def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState) -> list[int]:
+    """Each item of `order` (heaviest first) to the least loaded rank with a microbatch that fits it.
+
+    A heap of (cost, rank) answers "least loaded"; the few least loaded ranks are tried from it, and
+    when all of them are too full (token capacity binds) one vectorised scan of the ranks' free room
+    finds the least loaded rank that fits. Heap entries of ranks placed through the scan go stale and
+    are dropped when popped. The result is the plain rule's (pop ranks in (cost, rank) order until one
+    fits) exactly, without its O(k) pops per item once most ranks are full.
+    """
+    capacity, cost = state.capacity, state.cost
+    free = [capacity - min(f) for f in state.fills]  # the largest room of any microbatch of the rank
+    free_np, cost_np = np.asarray(free, dtype=np.int64), np.asarray(cost, dtype=np.float64)
+    heap = [(c, r) for r, c in enumerate(cost)]
     heapq.heapify(heap)
     deferred = []
-    for item in sorted(items, key=lambda it: (-it.cost, it.index)):
-        skipped = []
-        while heap:
-            cost, r = heapq.heappop(heap)
-            m = _best_fit(ranks[r], item.tokens, capacity)
-            if m is not None:
-                _place(ranks[r], item, m)
-                heapq.heappush(heap, (ranks[r].cost, r))
+    for n in order:
+        item = items[n]
+        tokens, target, tried = item.tokens, -1, []
+        for _ in range(_HEAP_TRIES):
+            while heap and heap[0][0] != cost[heap[0][1]]:
+                heapq.heappop(heap)  # stale: the rank took an item through the scan since
+            if not heap:
                 break
-            skipped.append((cost, r))
-        else:
-            deferred.append(item.index)
-        for entry in skipped:
+            entry = heapq.heappop(heap)
+            if free[entry[1]] >= tokens:
+                target = entry[1]
+                break
+            tried.append(entry)
+        for entry in tried:
             heapq.heappush(heap, entry)
+        if target < 0:
+            fits = free_np >= tokens
+            if not fits.any():
+                deferred.append(item.index)
+                continue
+            # least cost among the ranks that fit; ties to the lowest rank, as the heap orders them
+            target = int(np.argmin(np.where(fits, cost_np, np.inf)))
+        state.place(target, item.index, tokens, item.cost)
+        free[target] = capacity - min(state.fills[target])
+        cost_np[target], free_np[target] = cost[target], free[target]
+        heapq.heappush(heap, (cost[target], target))
+    return deferred
+
+
+def _lpt_rounds(
+    items: Sequence[PlanItem], order: np.ndarray, state: _LptState, tokens: np.ndarray, costs: np.ndarray
+) -> list[int]:
+    """The light tail of a large batch in rounds of k/4 items: the round's heaviest item to the least
+    loaded rank, the next to the next (ranks sorted by load once per round; only the lightest quarter
+    takes items), best fit inside the rank. Items of one round are about equally heavy, so this is what
+    item-by-item LPT would do up to the order within a round, at numpy speed. Items that do not fit
+    their rank are returned."""
+    cost, fills = state.to_arrays()
+    capacity, size = state.capacity, max(1, len(cost) // _ROUND_SHARE)
+    left: list[int] = []
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        ranks = np.argsort(cost, kind="stable")[: len(chunk)]
+        t = tokens[chunk]
+        room = fills[ranks] + t[:, None] <= capacity
+        fits = room.any(axis=1)
+        mb = np.where(room, fills[ranks], -1).argmax(axis=1)
+        r, m, placed = ranks[fits], mb[fits], chunk[fits]
+        np.add.at(fills, (r, m), t[fits])
+        np.add.at(cost, r, costs[placed])
+        for rank, j, n in zip(r.tolist(), m.tolist(), placed.tolist()):
+            state.members[rank][j].append(items[n].index)
+        left += chunk[~fits].tolist()
+    state.to_lists(cost, fills)
+    return left
+
+
+def _plan_lpt(items: Sequence[PlanItem], ranks: list[RankPlan], capacity: int) -> list[int]:
+    """LPT with best fit under the token capacity, O(n log k): the heavy head item by item (where the
+    choices decide the balance), the light tail of a large batch in vectorised rounds, then whatever
+    the rounds could not fit item by item again."""
+    state = _LptState(ranks, capacity)
+    tokens = np.fromiter((it.tokens for it in items), dtype=np.int64, count=len(items))
+    costs = np.fromiter((it.cost for it in items), dtype=np.float64, count=len(items))
+    index = np.fromiter((it.index for it in items), dtype=np.int64, count=len(items))
+    order = np.lexsort((index, -costs))  # heaviest first, ties by index
+    # Few ranks: rounds would be tiny, item by item is as fast and exact.
+    head = len(order) if len(ranks) < _ROUNDS_MIN_RANKS else max(_EXACT_ROUNDS * len(ranks), _EXACT_MIN)
+    deferred = _lpt_exact(items, order[:head].tolist(), state)
+    if len(order) > head:
+        left = _lpt_rounds(items, order[head:], state, tokens, costs)
+        deferred += _lpt_exact(items, left, state)
+    for r, rank in enumerate(ranks):
+        rank.cost, rank.microbatch_tokens = state.cost[r], state.fills[r]
     return deferred
 
 

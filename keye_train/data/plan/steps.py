@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keye_train.data.plan.balance import METHODS, BatchPlan, PlanItem, plan_batch
+from keye_train.data.plan.balance import METHODS, BatchPlan, PlanItem, RankPlan, plan_batch
 from keye_train.data.plan.order import GlobalOrder, SampleRef
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,19 @@ class StepPlanner:
                 continue
             items.append(ref)
             total += ref.tokens
-        plan = plan_batch(
+        # Planned as dp x microbatches rows, each balanced by cost, then dealt to the ranks in runs of
+        # `microbatches`: which samples a step takes, defers and packs together depends only on the
+        # number of rows, so a resume under another layout with as many rows (DP2 x 1 <-> TP2 x 2 <->
+        # PP2 x 2) consumes exactly the samples, and builds exactly the rows, of the uninterrupted run.
+        rows = plan_batch(
             [PlanItem(index=i, cost=r.cost, tokens=r.tokens) for i, r in enumerate(items)],
-            num_ranks=self.dp,
-            microbatches=self.microbatches,
+            num_ranks=self.dp * self.microbatches,
+            microbatches=1,
             max_seq_len=self.max_seq_len,
             method=self.method,
             seed=self.order.seed + self.step,
         )
+        plan = _deal(rows, dp=self.dp, microbatches=self.microbatches)
         if len(plan.deferred) == len(items):
             raise RuntimeError(f"step {self.step}: the planner placed none of {len(items)} samples")
         # Deferred items keep their global order so the consumed sequence stays a function of the order.
@@ -151,3 +156,18 @@ class StepPlanner:
                 continue
             deferred.append(ref)
         self.deferred = deferred
+
+
+def _deal(rows: BatchPlan, *, dp: int, microbatches: int) -> BatchPlan:
+    """Rank r of `dp` gets rows r*microbatches .. (r+1)*microbatches - 1 of a one-microbatch plan."""
+    ranks = []
+    for r in range(dp):
+        mine = rows.ranks[r * microbatches : (r + 1) * microbatches]
+        ranks.append(
+            RankPlan(
+                microbatches=[row.microbatches[0] for row in mine],
+                microbatch_tokens=[row.microbatch_tokens[0] for row in mine],
+                cost=sum(row.cost for row in mine),
+            )
+        )
+    return BatchPlan(ranks=ranks, deferred=rows.deferred, oversized=rows.oversized)
