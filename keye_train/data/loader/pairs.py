@@ -129,13 +129,12 @@ class PairLoader:
         pairs = [p for p in map(self._pair, planned.rank_items(self.rank)[0]) if p is not None]
         self.skips.merge(self.skips.delta(), distributed=self.world_size > 1)
         self._state = planned.state_after
-        refs = planned.global_refs
         return StepData(
             step=planned.step,
-            global_keys=[r.key for r in refs],
+            global_keys=planned.global_keys,
             microbatches=[collate(pairs, text_len=self.text_len)],
             report=planned.report(),
-            global_refs=refs,
+            planned=planned,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,7 +40,12 @@ class StepData:
     global_keys: list[str]  # every sample consumed this step, in global order
     microbatches: list[PackedBatch]
     report: dict[str, Any] = field(default_factory=dict)
-    global_refs: list[SampleRef] = field(default_factory=list)
+    planned: PlannedStep | None = None  # the plan, on the ranks that made it (loading ranks)
+
+    @property
+    def global_refs(self) -> list[SampleRef]:
+        """The SampleRefs of global_keys (made on demand; on the ranks that planned the step only)."""
+        return self.planned.global_refs if self.planned is not None else []
 
 
 @dataclass(frozen=True)
@@ -232,13 +237,13 @@ class TopologyAwareLoader:
     def next_step(self) -> StepData:
         """Collective over the world: the next step's batches for this rank.
 
-        The metadata (a few KB: refs, positions, labels) is broadcast to the replica as one pickled
+        The metadata (keys, positions, labels) is broadcast to the replica as one pickled
         object; pixels go to the stage-0 TP/CP peers as tensors, uint8 when that is exact.
         """
         meta: dict[str, Any] | None = None
         own: list[torch.Tensor] = []  # the loading rank's pixels per microbatch
         wires: list[torch.Tensor] | None = None
-        delta = None
+        delta, planned = None, None
         mean, std = self._pixel_stats
         if self.role.loads:
             planned, batches, report, delta = self._next_loaded()
@@ -247,7 +252,7 @@ class TopologyAwareLoader:
                 wires = [to_wire(p, mean=mean, std=std) for p in own]
             meta = {
                 "step": planned.step,
-                "refs": planned.global_refs,
+                "keys": planned.global_keys,
                 "report": report,
                 "state": planned.state_after,
                 "pixels": wire_layout(wires) if wires is not None else None,
@@ -273,13 +278,12 @@ class TopologyAwareLoader:
         # for the whole run and, through the state, across resumes.
         self.skips.merge(delta, distributed=self.dims.world_size > 1)
         self._state = meta["state"]
-        refs = meta["refs"]
         return StepData(
             step=meta["step"],
-            global_keys=[r.key for r in refs],
+            global_keys=meta["keys"],
             microbatches=batches,
             report=meta["report"],
-            global_refs=refs,
+            planned=planned,
         )
 
     def state_dict(self) -> dict[str, Any]:

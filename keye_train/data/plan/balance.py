@@ -31,6 +31,34 @@ class PlanItem:
     tokens: int  # LLM tokens, for the max_seq_len packing constraint
 
 
+class PlanItems(Sequence):
+    """Items as columns (item n has index n): what the step planner passes, so a batch of 300K samples
+    is planned without 300K PlanItem objects (items[n] makes one on demand)."""
+
+    def __init__(self, costs: np.ndarray, tokens: np.ndarray) -> None:
+        self.costs = np.asarray(costs, dtype=np.float64)
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.costs)
+
+    def __getitem__(self, n):  # type: ignore[override]
+        if isinstance(n, slice):
+            return [self[i] for i in range(*n.indices(len(self)))]
+        return PlanItem(index=int(n), cost=float(self.costs[n]), tokens=int(self.tokens[n]))
+
+
+def _columns(items: Sequence[PlanItem]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(items, PlanItems):
+        return items.costs, items.tokens, np.arange(len(items), dtype=np.int64)
+    n = len(items)
+    return (
+        np.fromiter((it.cost for it in items), dtype=np.float64, count=n),
+        np.fromiter((it.tokens for it in items), dtype=np.int64, count=n),
+        np.fromiter((it.index for it in items), dtype=np.int64, count=n),
+    )
+
+
 @dataclass
 class RankPlan:
     microbatches: list[list[int]]  # item indices per packed microbatch
@@ -58,10 +86,10 @@ class BatchPlan:
         return max(self.costs) / mean if mean > 0 else 1.0
 
     def report(self, items: Sequence[PlanItem]) -> dict[str, float | int]:
-        placed = [items[i] for r in self.ranks for i in r.items]
+        placed = np.fromiter((i for r in self.ranks for i in r.items), dtype=np.int64)
         return {
             "max_over_mean": self.max_over_mean,
-            "lower_bound": lower_bound(placed, len(self.ranks)),
+            "lower_bound": _lower_bound(_columns(items)[0][placed], len(self.ranks)),
             "deferred": len(self.deferred),
             "oversized": len(self.oversized),
         }
@@ -69,11 +97,15 @@ class BatchPlan:
 
 def lower_bound(items: Sequence[PlanItem], num_ranks: int) -> float:
     """No assignment beats max(mean share, largest item) / mean share."""
-    total = sum(it.cost for it in items)
+    return _lower_bound(_columns(items)[0], num_ranks)
+
+
+def _lower_bound(costs: np.ndarray, num_ranks: int) -> float:
+    total = float(costs.sum())
     if total == 0:
         return 1.0
     mean = total / num_ranks
-    return max(mean, max(it.cost for it in items)) / mean
+    return max(mean, float(costs.max())) / mean
 
 
 def _empty_ranks(num_ranks: int, microbatches: int) -> list[RankPlan]:
@@ -170,7 +202,7 @@ def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState
 
 
 def _lpt_rounds(
-    items: Sequence[PlanItem], order: np.ndarray, state: _LptState, tokens: np.ndarray, costs: np.ndarray
+    order: np.ndarray, state: _LptState, tokens: np.ndarray, costs: np.ndarray, index: np.ndarray
 ) -> list[int]:
     """The light tail of a large batch in rounds of k/4 items: the round's heaviest item to the least
     loaded rank, the next to the next (ranks sorted by load once per round; only the lightest quarter
@@ -190,8 +222,8 @@ def _lpt_rounds(
         r, m, placed = ranks[fits], mb[fits], chunk[fits]
         np.add.at(fills, (r, m), t[fits])
         np.add.at(cost, r, costs[placed])
-        for rank, j, n in zip(r.tolist(), m.tolist(), placed.tolist()):
-            state.members[rank][j].append(items[n].index)
+        for rank, j, n in zip(r.tolist(), m.tolist(), index[placed].tolist()):
+            state.members[rank][j].append(n)
         left += chunk[~fits].tolist()
     state.to_lists(cost, fills)
     return left
@@ -202,15 +234,13 @@ def _plan_lpt(items: Sequence[PlanItem], ranks: list[RankPlan], capacity: int) -
     choices decide the balance), the light tail of a large batch in vectorised rounds, then whatever
     the rounds could not fit item by item again."""
     state = _LptState(ranks, capacity)
-    tokens = np.fromiter((it.tokens for it in items), dtype=np.int64, count=len(items))
-    costs = np.fromiter((it.cost for it in items), dtype=np.float64, count=len(items))
-    index = np.fromiter((it.index for it in items), dtype=np.int64, count=len(items))
+    costs, tokens, index = _columns(items)
     order = np.lexsort((index, -costs))  # heaviest first, ties by index
     # Few ranks: rounds would be tiny, item by item is as fast and exact.
     head = len(order) if len(ranks) < _ROUNDS_MIN_RANKS else max(_EXACT_ROUNDS * len(ranks), _EXACT_MIN)
     deferred = _lpt_exact(items, order[:head].tolist(), state)
     if len(order) > head:
-        left = _lpt_rounds(items, order[head:], state, tokens, costs)
+        left = _lpt_rounds(order[head:], state, tokens, costs, index)
         deferred += _lpt_exact(items, left, state)
     for r, rank in enumerate(ranks):
         rank.cost, rank.microbatch_tokens = state.cost[r], state.fills[r]
@@ -279,7 +309,8 @@ def plan_batch(
         raise ValueError(f"balance.method={method!r} is unknown; use one of {METHODS}")
     if num_ranks < 1 or microbatches < 1:
         raise ValueError(f"num_ranks={num_ranks} and microbatches={microbatches} must be >= 1")
-    too_long = [it.index for it in items if it.tokens > max_seq_len]
+    costs, tokens, index = _columns(items)
+    too_long = index[tokens > max_seq_len].tolist()
     if too_long:
         raise ValueError(
             f"samples {too_long[:5]} have more tokens than max_seq_len={max_seq_len}; the packing policy "
@@ -292,6 +323,6 @@ def plan_batch(
         deferred = _plan_kk(items, ranks, max_seq_len)
     else:
         deferred = _plan_random(items, ranks, max_seq_len, seed)
-    share = sum(it.cost for it in items) / num_ranks
-    oversized = [it.index for it in items if it.cost > share]
+    share = float(costs.sum()) / num_ranks
+    oversized = index[costs > share].tolist()
     return BatchPlan(ranks=ranks, deferred=deferred, oversized=oversized)

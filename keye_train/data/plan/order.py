@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from keye_train.data.plan.cost import CostModel
-from keye_train.data.plan.mixture import Mixture
 from keye_train.data.shards.manifest import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,18 @@ class SampleRef:
         return [self.source, self.shard, self.entry, self.key]
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """Samples drawn from the order, as arrays: source index (in sorted names), flat position, epoch."""
+
+    source: np.ndarray
+    flat: np.ndarray
+    epoch: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 @dataclass
 class _SourceTable:
     """A source's index entries flattened shard-major, with predicted tokens and costs per entry."""
@@ -49,6 +60,15 @@ class _SourceTable:
     entries: list[Any]  # IndexEntry per flat position
     tokens: np.ndarray  # (n,) int64
     costs: np.ndarray  # (n,) float64
+    errors: np.ndarray | None = None  # (n,) bool: the index or the prediction refuses the sample
+
+    def __post_init__(self) -> None:
+        if self.errors is None:
+            self.errors = np.fromiter(
+                (getattr(e, "error", None) is not None for e in self.entries),
+                dtype=bool,
+                count=len(self.entries),
+            )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -118,29 +138,6 @@ def build_tables(
     return tables
 
 
-@dataclass
-class _PositionalMixture(Mixture):
-    """Mixture whose draw is seeded by the current position (the cursors), not by a running generator.
-
-    Mixture's lag rule is kept as is; only the random number behind each draw becomes a function of
-    (seed, epoch, bases, cursors), so the order can be resumed from the cursors alone instead of a
-    generator's 2.5 KB state. A source counts as exhausted as soon as its cursor reaches its end, so
-    the draws after a resume see the same live sources as the uninterrupted run did.
-    """
-
-    position: Callable[[], str] | None = None
-    is_live: Callable[[str], bool] | None = None
-
-    def _choose(self) -> str:
-        for name in self.names:
-            if not self.is_live(name):
-                self.tally[name].exhausted = True
-        if all(self.tally[n].exhausted for n in self.names):
-            return self.names[0]  # its stream is empty: Mixture's loop ends on the StopIteration
-        self.rng.seed(self.position())
-        return super()._choose()
-
-
 class GlobalOrder:
     """Per source a seeded permutation of its (shard, entry) pairs each epoch, mixed to the target shares.
 
@@ -173,8 +170,10 @@ class GlobalOrder:
         self.cursors = dict.fromkeys(names, 0)
         self.bases = dict.fromkeys(names, 0)
         self._perm: dict[str, np.ndarray] = {}
-        self._prefix: dict[str, np.ndarray] = {}
-        self._iter: Iterator[SampleRef] | None = None
+        self._drawn: dict[str, float] = {}
+        self._by_tokens = data_cfg.by_tokens
+        total = sum(self.shares.values())
+        self._share = {n: self.shares[n] / total for n in names}
 
     # -- the order ----------------------------------------------------------------------------------
     def permutation(self, name: str, epoch: int) -> np.ndarray:
@@ -185,62 +184,134 @@ class GlobalOrder:
 
     def _start_epoch(self) -> None:
         for name in self.names:
-            perm = self.permutation(name, self.epoch)
-            self._perm[name] = perm
-            self._prefix[name] = np.concatenate([[0], np.cumsum(self.tables[name].tokens[perm])])
-        self._iter = None
+            self._perm[name] = self.permutation(name, self.epoch)
+        self._drawn = {}  # tokens (or samples) drawn since each source's base: the due-time clock
+        for name in self.names:
+            taken = self._perm[name][self.bases[name] : self.cursors[name]]
+            self._drawn[name] = float(
+                self.tables[name].tokens[taken].sum() if self._by_tokens else len(taken)
+            )
 
-    def _stream(self, name: str) -> Iterator[SampleRef]:
-        perm, n = self._perm[name], len(self.tables[name])
-        while self.cursors[name] < n:
-            flat = int(perm[self.cursors[name]])
-            self.cursors[name] += 1
-            yield self.ref_at(name, flat)
+    def _size(self, name: str, flat: int) -> float:
+        return float(self.tables[name].tokens[flat]) if self._by_tokens else 1.0
 
-    def _position(self) -> str:
-        bases = ",".join(str(self.bases[n]) for n in self.names)
-        cursors = ",".join(str(self.cursors[n]) for n in self.names)
-        return f"{self.seed}/{self.epoch}/{bases}/{cursors}"
-
-    def _mixture(self) -> Iterator[SampleRef]:
-        mixture = _PositionalMixture(
-            {n: self._stream(n) for n in self.names},
-            self.shares,
-            seed=self.seed,
-            by_tokens=self.data_cfg.by_tokens,
-            on_exhausted="drop",
-            position=self._position,
-            is_live=lambda n: self.cursors[n] < len(self.tables[n]),
-        )
-        for name in self.names:  # the lag counts what was drawn since the shares took effect
-            tally = mixture.tally[name]
-            tally.samples = self.cursors[name] - self.bases[name]
-            tally.tokens = int(self._prefix[name][self.cursors[name]] - self._prefix[name][self.bases[name]])
-        return iter(mixture)
+    def _due(self, name: str) -> float:
+        """When the next sample of `name` is due in the mixed stream: the midpoint of its tokens on the
+        source's own clock, scaled by 1/share. Drawing the smallest due time keeps every source within
+        one sample of its share of everything drawn so far, and is a pure function of the cursors."""
+        flat = int(self._perm[name][self.cursors[name]])
+        return (self._drawn[name] + 0.5 * self._size(name, flat)) / self._share[name]
 
     def __iter__(self) -> Iterator[SampleRef]:
         return self
 
     def __next__(self) -> SampleRef:
+        """The next sample: the live source with the smallest due time (ties: first name)."""
         for _ in range(2):  # at most one epoch boundary per draw
             if not self._perm:
                 self._start_epoch()
-            if self._iter is None:
-                self._iter = self._mixture()
-            ref = next(self._iter, None)
-            if ref is not None:
-                return ref
-            log.info("data order: epoch %d finished", self.epoch)
-            self.epoch += 1
-            self.cursors = dict.fromkeys(self.names, 0)
-            self.bases = dict.fromkeys(self.names, 0)
-            self._perm = {}
+            live = [n for n in self.names if self.cursors[n] < len(self.tables[n])]
+            if live:
+                name = min(live, key=lambda n: (self._due(n), self.names.index(n)))
+                flat = int(self._perm[name][self.cursors[name]])
+                self.cursors[name] += 1
+                self._drawn[name] += self._size(name, flat)
+                return self.ref_at(name, flat)
+            self._next_epoch()
         raise RuntimeError("data order produced no sample in a fresh epoch; every source is empty")
 
-    def ref_at(self, name: str, flat: int) -> SampleRef:
+    def _next_epoch(self) -> None:
+        log.info("data order: epoch %d finished", self.epoch)
+        self.epoch += 1
+        self.cursors = dict.fromkeys(self.names, 0)
+        self.bases = dict.fromkeys(self.names, 0)
+        self._perm = {}
+
+    def take(self, need: float, *, usable: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Drawn:
+        """The next samples in the order __next__ draws them, up to the first at which the tokens of
+        the `usable` ones (a mask from (source index, flat position) arrays) reach `need`. Vectorised:
+        each round merges a window of every live source's next due times."""
+        parts: list[tuple[np.ndarray, ...]] = []
+        window = 64
+        while need > 0:
+            if not self._perm:
+                self._start_epoch()
+            live = [i for i, n in enumerate(self.names) if self.cursors[n] < len(self.tables[n])]
+            if not live:
+                self._next_epoch()
+                if not parts and all(len(t) == 0 for t in self.tables.values()):
+                    raise RuntimeError(
+                        "data order produced no sample in a fresh epoch; every source is empty"
+                    )
+                continue
+            srcs, flats, dues, poss, limit = [], [], [], [], np.inf
+            for i in live:
+                name = self.names[i]
+                table, start = self.tables[name], self.cursors[name]
+                flat = self._perm[name][start : start + window + 1]
+                size = table.tokens[flat].astype(np.float64) if self._by_tokens else np.ones(len(flat))
+                due = (self._drawn[name] + np.cumsum(size) - 0.5 * size) / self._share[name]
+                if len(flat) > window:  # the first due time beyond the window bounds what is certain
+                    limit = min(limit, float(due[window]))
+                    flat, due = flat[:window], due[:window]
+                srcs.append(np.full(len(flat), i))
+                flats.append(flat)
+                dues.append(due)
+                poss.append(np.arange(len(flat)))
+            src, flat, due, pos = (np.concatenate(x) for x in (srcs, flats, dues, poss))
+            order = np.lexsort((pos, src, due))
+            src, flat, due = src[order], flat[order], due[order]
+            certain = int(np.searchsorted(due, limit, side="left"))  # strictly before the limit
+            src, flat = src[:certain], flat[:certain]
+            tokens = self._tokens_of(src, flat)
+            gained = np.cumsum(np.where(usable(src, flat), tokens, 0))
+            cut = int(np.searchsorted(gained, need, side="left")) + 1 if len(gained) else 0
+            cut = min(cut, len(src))
+            if cut == 0:
+                window *= 4
+                continue
+            src, flat = src[:cut], flat[:cut]
+            need -= float(gained[cut - 1])
+            parts.append((src, flat, np.full(cut, self.epoch)))
+            counts = np.bincount(src, minlength=len(self.names))
+            for i in live:
+                name = self.names[i]
+                if counts[i]:
+                    mine = flat[src == i]
+                    self.cursors[name] += int(counts[i])
+                    table = self.tables[name]
+                    self._drawn[name] += (
+                        float(table.tokens[mine].sum()) if self._by_tokens else float(len(mine))
+                    )
+            window = min(window * 4, 1 << 22) if cut == certain else window
+        if not parts:
+            return Drawn(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Drawn(*(np.concatenate([p[j] for p in parts]) for j in range(3)))
+
+    def _tokens_of(self, src: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        return self.column(src, flat, "tokens")
+
+    def column(self, src: np.ndarray, flat: np.ndarray, name: str) -> np.ndarray:
+        """A per-sample column (tokens, costs, errors) of the tables at (source index, flat) pairs."""
+        first = getattr(self.tables[self.names[0]], name)
+        out = np.empty(len(src), dtype=first.dtype)
+        for i, source in enumerate(self.names):
+            mask = src == i
+            if mask.any():
+                out[mask] = getattr(self.tables[source], name)[flat[mask]]
+        return out
+
+    def refs(self, drawn: Drawn) -> list[SampleRef]:
+        """SampleRefs of drawn samples (what plans, states and metrics name)."""
+        return [
+            self.ref_at(self.names[i], f, epoch=e)
+            for i, f, e in zip(*(a.tolist() for a in (drawn.source, drawn.flat, drawn.epoch)))
+        ]
+
+    def ref_at(self, name: str, flat: int, *, epoch: int | None = None) -> SampleRef:
         table = self.tables[name]
         shard = table.shard_of(flat)
-        error = getattr(table.entries[flat], "error", None)
+        error = table.entries[flat].error if table.errors[flat] else None
         return SampleRef(
             source=name,
             shard=shard,
@@ -248,7 +319,7 @@ class GlobalOrder:
             key=str(table.entries[flat].key),
             tokens=int(table.tokens[flat]),
             cost=float(table.costs[flat]),
-            epoch=self.epoch,
+            epoch=self.epoch if epoch is None else epoch,
             error=str(error) if error else None,
         )
 
@@ -322,7 +393,6 @@ class GlobalOrder:
             )
             self.bases = dict(self.cursors)
         self._perm = {}
-        self._iter = None
 
 
 def _normalised(shares: Mapping[str, float]) -> dict[str, float]:
