@@ -110,22 +110,50 @@ def bench_step_planner(ranks: int, samples_per_step: int, steps: int) -> dict:
     }
 
 
-def index_memory_per_million(samples: int = 200_000) -> dict:
-    """Bytes the planner's index tables hold per sample (entries, tokens, costs), scaled to 1M samples."""
-    from keye_train.data.shards.index import IndexEntry
+def index_memory_per_million(samples: int = 1_000_000) -> dict:
+    """Heap bytes a loading rank holds for the index of `samples` text samples (one shard): the
+    planner's in-memory columns and the epoch's permutation, with the sidecar columns memory-mapped
+    (tracemalloc counts numpy's allocations, not mapped pages)."""
+    import tempfile
+    from pathlib import Path
 
-    tracemalloc.start()
-    entries = [
-        IndexEntry(key=f"{i:09d}", kind="caption", offset=i * 4096, members={"jpg": [i, 1], "txt": [i, 2]})
-        for i in range(samples)
-    ]
-    tokens, costs = np.zeros(samples, np.int64), np.zeros(samples, np.float64)
-    current, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    del entries, tokens, costs
+    from keye_train.data.media.image import ImageConfig
+    from keye_train.data.media.video import VideoConfig
+    from keye_train.data.plan.order import GlobalOrder, build_tables
+    from keye_train.data.shards.index import IndexEntry, _header, index_path
+    from keye_train.data.shards.manifest import DataConfig, SourceConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "text-000000.tar"
+        shard.write_bytes(b"\0" * 1024)
+        rng = np.random.default_rng(0)
+        with open(index_path(shard), "w") as f:
+            f.write(json.dumps(_header(shard, kind="text", tokenizer=None, samples=samples)) + "\n")
+            for i, t in enumerate(rng.integers(16, 4096, samples).tolist()):
+                entry = IndexEntry(
+                    key=f"{i:09d}", kind="text", offset=512 * i, members={"txt": [512 * i + 512, 64]}
+                )
+                entry.text_tokens = t
+                f.write(json.dumps(entry.to_json()) + "\n")
+        cfg = DataConfig(sources=[SourceConfig(name="text", kind="text", shards=[str(shard)], weight=1.0)])
+        kwargs = {"image_cfg": ImageConfig(), "video_cfg": VideoConfig(), "cost_model": CostModel()}
+        start = time.perf_counter()
+        build_tables(cfg, **kwargs)  # writes the sidecar columns once
+        built = time.perf_counter() - start
+        tracemalloc.start()
+        order = GlobalOrder(cfg, tables=build_tables(cfg, **kwargs))
+        next(order)  # the epoch's permutation
+        current, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        sidecar = sum(p.stat().st_size for p in Path(tmp).glob("*.npy"))
+        del order
     return {
-        "index_bytes_per_sample": round(current / samples, 1),
-        "MiB_per_1M": round(current / samples * 1e6 / 2**20),
+        "samples": samples,
+        "heap_bytes_per_sample": round(current / samples, 2),
+        "heap_MiB_per_1M": round(current / samples * 1e6 / 2**20, 1),
+        "heap_GiB_per_100M": round(current / samples * 1e8 / 2**30, 2),
+        "mapped_sidecar_bytes_per_sample": round(sidecar / samples, 1),
+        "sidecar_build_s_per_1M": round(built / samples * 1e6, 1),
     }
 
 
@@ -136,6 +164,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--samples", type=int, default=300_000)
     parser.add_argument("--step-samples", type=int, default=20_000, help="samples per step, loader planning")
+    parser.add_argument("--index-samples", type=int, default=1_000_000, help="samples of the memory test")
     parser.add_argument("--out", default="bench/results/loader_plan.json")
     args = parser.parse_args()
     rows = []
@@ -147,7 +176,7 @@ def main() -> None:
     for ranks in args.ranks:
         loader.append(bench_step_planner(ranks, args.step_samples, steps=3))
         print(json.dumps(loader[-1]), flush=True)
-    memory = index_memory_per_million()
+    memory = index_memory_per_million(args.index_samples)
     print(json.dumps(memory))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -55,7 +55,7 @@ class StepItems(Sequence):
             if i < n:
                 out.append(self.carried[i].key)
             else:
-                out.append(str(tables[int(d.source[i - n])].entries[int(d.flat[i - n])].key))
+                out.append(tables[int(d.source[i - n])].key(int(d.flat[i - n])))
         return out
 
 
