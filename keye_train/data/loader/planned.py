@@ -45,7 +45,16 @@ class StepData:
     @property
     def global_refs(self) -> list[SampleRef]:
         """The SampleRefs of global_keys (made on demand; on the ranks that planned the step only)."""
-        return self.planned.global_refs if self.planned is not None else []
+        refs = self.__dict__.get("_refs")
+        if refs is None:
+            refs = self.__dict__["_refs"] = self.planned.global_refs if self.planned is not None else []
+        return refs
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. by a test harness) with its refs but without the plan, which holds the index.
+        state = dict(self.__dict__)
+        state["_refs"], state["planned"] = self.global_refs, None
+        return state
 
 
 @dataclass(frozen=True)

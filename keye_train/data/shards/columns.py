@@ -75,6 +75,7 @@ class LazyEntries:
 
     def __init__(self, shards: list[str], columns: list[np.ndarray], shard_start: np.ndarray) -> None:
         self.shards, self.columns, self.shard_start = shards, columns, shard_start
+        self._fds: dict[int, int] = {}  # index files kept open: one open per shard, not per sample
 
     def __len__(self) -> int:
         return int(self.shard_start[-1])
@@ -89,6 +90,19 @@ class LazyEntries:
 
     def __getitem__(self, flat: int) -> IndexEntry:
         shard, row = self._locate(int(flat))
-        with open(index_path(self.shards[shard]), "rb") as f:
-            f.seek(int(self.columns[shard]["line"][row]))
-            return IndexEntry.from_json(json.loads(f.readline()))
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(index_path(self.shards[shard]), os.O_RDONLY)
+        lines = self.columns[shard]["line"]
+        start = int(lines[row])
+        end = int(lines[row + 1]) if row + 1 < len(lines) else os.fstat(fd).st_size
+        # pread: no shared file position, so the loader thread and any other reader never interfere
+        return IndexEntry.from_json(json.loads(os.pread(fd, end - start, start)))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
