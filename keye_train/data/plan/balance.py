@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METHODS = ("lpt", "kk", "random")
-# Least loaded ranks tried from the heap before one vectorised scan over all ranks' free room.
-_HEAP_TRIES = 4
 # Items placed one by one before the vectorised rounds take over: at least this many, and 8 per rank.
 _EXACT_MIN, _EXACT_ROUNDS = 20_000, 8
 _ROUNDS_MIN_RANKS, _ROUND_SHARE = 64, 4  # rounds from 64 ranks up, each round to the lightest 1/4
@@ -160,43 +158,35 @@ class _LptState:
 def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState) -> list[int]:
     """Each item of `order` (heaviest first) to the least loaded rank with a microbatch that fits it.
 
-    A heap of (cost, rank) answers "least loaded"; the few least loaded ranks are tried from it, and
-    when all of them are too full (token capacity binds) one vectorised scan of the ranks' free room
-    finds the least loaded rank that fits. Heap entries of ranks placed through the scan go stale and
-    are dropped when popped. The result is the plain rule's (pop ranks in (cost, rank) order until one
-    fits) exactly, without its O(k) pops per item once most ranks are full.
+    A heap of (cost, rank) answers "least loaded". A rank popped because it cannot fit the item is
+    parked in a second heap keyed by its free room instead of going back: it cannot fit anything
+    larger, so it is not popped again until an item small enough comes, when every parked rank with
+    room for it returns first. Then the first rank popped that fits is the least loaded of those that
+    fit (ties: lowest rank), the plain rule exactly, and full ranks cost nothing per item.
     """
     capacity, cost = state.capacity, state.cost
     free = [capacity - min(f) for f in state.fills]  # the largest room of any microbatch of the rank
-    free_np, cost_np = np.asarray(free, dtype=np.int64), np.asarray(cost, dtype=np.float64)
     heap = [(c, r) for r, c in enumerate(cost)]
     heapq.heapify(heap)
+    parked: list[tuple[int, float, int]] = []  # (-free room, cost, rank)
     deferred = []
     for n in order:
         item = items[n]
-        tokens, target, tried = item.tokens, -1, []
-        for _ in range(_HEAP_TRIES):
-            while heap and heap[0][0] != cost[heap[0][1]]:
-                heapq.heappop(heap)  # stale: the rank took an item through the scan since
-            if not heap:
+        tokens, target = item.tokens, -1
+        while parked and -parked[0][0] >= tokens:
+            _, c, r = heapq.heappop(parked)
+            heapq.heappush(heap, (c, r))
+        while heap:
+            c, r = heapq.heappop(heap)
+            if free[r] >= tokens:
+                target = r
                 break
-            entry = heapq.heappop(heap)
-            if free[entry[1]] >= tokens:
-                target = entry[1]
-                break
-            tried.append(entry)
-        for entry in tried:
-            heapq.heappush(heap, entry)
+            heapq.heappush(parked, (-free[r], c, r))
         if target < 0:
-            fits = free_np >= tokens
-            if not fits.any():
-                deferred.append(item.index)
-                continue
-            # least cost among the ranks that fit; ties to the lowest rank, as the heap orders them
-            target = int(np.argmin(np.where(fits, cost_np, np.inf)))
+            deferred.append(item.index)
+            continue
         state.place(target, item.index, tokens, item.cost)
         free[target] = capacity - min(state.fills[target])
-        cost_np[target], free_np[target] = cost[target], free[target]
         heapq.heappush(heap, (cost[target], target))
     return deferred
 
