@@ -51,9 +51,9 @@ def bench_plan(ranks: int, samples: int, binding: bool) -> dict:
     need = math.ceil(sum(tokens) / ranks)
     capacity = max(max(tokens), math.ceil(need / 0.95) if binding else 4 * need)
     items = [PlanItem(index=i, cost=c, tokens=t) for i, (t, c) in enumerate(zip(tokens, costs))]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     plan = plan_batch(items, num_ranks=ranks, microbatches=1, max_seq_len=capacity)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     report = plan.report(items)
     return {
         "ranks": ranks,
@@ -61,6 +61,7 @@ def bench_plan(ranks: int, samples: int, binding: bool) -> dict:
         "capacity": "binding (95% full)" if binding else "free (4x)",
         "microbatch_tokens": capacity,
         "planning_s": round(seconds, 3),
+        "planning_cpu_s": round(cpu, 3),  # CPU time of this process: what one idle core would take
         "max_over_mean": round(report["max_over_mean"], 5),
         "lower_bound": round(report["lower_bound"], 5),
         "gap_to_bound": round(report["max_over_mean"] / report["lower_bound"] - 1, 5),
@@ -99,14 +100,15 @@ def bench_step_planner(ranks: int, samples_per_step: int, steps: int) -> dict:
     seq = math.ceil(need / ranks / 0.95 * 1.05)
     planner = StepPlanner(order, dp=ranks, microbatches=1, max_seq_len=max(seq, 32768), fill=0.95)
     planner.next_step()  # warm: the epoch's permutations
-    start, taken = time.perf_counter(), 0
+    start, cpu, taken = time.perf_counter(), time.process_time(), 0
     for _ in range(steps):
         taken += len(planner.next_step().items)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "ranks": ranks,
         "samples_per_step": taken // steps,
         "us_per_sample": round(seconds / taken * 1e6, 2),
+        "cpu_us_per_sample": round(cpu / taken * 1e6, 2),
     }
 
 
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300_000)
     parser.add_argument("--step-samples", type=int, default=20_000, help="samples per step, loader planning")
     parser.add_argument("--index-samples", type=int, default=1_000_000, help="samples of the memory test")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the index memory measurement")
     parser.add_argument("--out", default="bench/results/loader_plan.json")
     args = parser.parse_args()
     rows = []
@@ -176,11 +179,18 @@ def main() -> None:
     for ranks in args.ranks:
         loader.append(bench_step_planner(ranks, args.step_samples, steps=3))
         print(json.dumps(loader[-1]), flush=True)
-    memory = index_memory_per_million(args.index_samples)
+    memory = {} if args.skip_memory else index_memory_per_million(args.index_samples)
     print(json.dumps(memory))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if args.skip_memory and os.path.exists(args.out):  # keep the memory measured by an earlier run
+        with open(args.out) as f:
+            memory = json.load(f).get("index_memory", {})
     with open(args.out, "w") as f:
-        json.dump({"plan": rows, "step_planner": loader, "index_memory": memory}, f, indent=2)
+        json.dump(
+            {"plan": rows, "step_planner": loader, "index_memory": memory, "load": os.getloadavg()},
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 
