@@ -155,7 +155,7 @@ class _LptState:
         self.cost[rank] += cost
 
 
-def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState) -> list[int]:
+def _lpt_exact(order: Sequence[int], state: _LptState, columns: tuple[list, list, list]) -> list[int]:
     """Each item of `order` (heaviest first) to the least loaded rank with a microbatch that fits it.
 
     A heap of (cost, rank) answers "least loaded". A rank popped because it cannot fit the item is
@@ -170,9 +170,10 @@ def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState
     heapq.heapify(heap)
     parked: list[tuple[int, float, int]] = []  # (-free room, cost, rank)
     deferred = []
+    single = all(len(f) == 1 for f in state.fills)
+    all_costs, all_tokens, all_index = columns  # Python lists: no object per item
     for n in order:
-        item = items[n]
-        tokens, target = item.tokens, -1
+        tokens, item_cost, item_index, target = all_tokens[n], all_costs[n], all_index[n], -1
         while parked and -parked[0][0] >= tokens:
             _, c, r = heapq.heappop(parked)
             heapq.heappush(heap, (c, r))
@@ -183,10 +184,16 @@ def _lpt_exact(items: Sequence[PlanItem], order: Sequence[int], state: _LptState
                 break
             heapq.heappush(parked, (-free[r], c, r))
         if target < 0:
-            deferred.append(item.index)
+            deferred.append(item_index)
             continue
-        state.place(target, item.index, tokens, item.cost)
-        free[target] = capacity - min(state.fills[target])
+        if single:  # one microbatch per rank (the step planner's rows): no best fit to choose
+            state.members[target][0].append(item_index)
+            state.fills[target][0] += tokens
+            cost[target] += item_cost
+            free[target] -= tokens
+        else:
+            state.place(target, item_index, tokens, item_cost)
+            free[target] = capacity - min(state.fills[target])
         heapq.heappush(heap, (cost[target], target))
     return deferred
 
@@ -228,10 +235,11 @@ def _plan_lpt(items: Sequence[PlanItem], ranks: list[RankPlan], capacity: int) -
     order = np.lexsort((index, -costs))  # heaviest first, ties by index
     # Few ranks: rounds would be tiny, item by item is as fast and exact.
     head = len(order) if len(ranks) < _ROUNDS_MIN_RANKS else max(_EXACT_ROUNDS * len(ranks), _EXACT_MIN)
-    deferred = _lpt_exact(items, order[:head].tolist(), state)
+    columns = (costs.tolist(), tokens.tolist(), index.tolist())
+    deferred = _lpt_exact(order[:head].tolist(), state, columns)
     if len(order) > head:
         left = _lpt_rounds(order[head:], state, tokens, costs, index)
-        deferred += _lpt_exact(items, left, state)
+        deferred += _lpt_exact(left, state, columns)
     for r, rank in enumerate(ranks):
         rank.cost, rank.microbatch_tokens = state.cost[r], state.fills[r]
     return deferred
