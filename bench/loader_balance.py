@@ -1,11 +1,14 @@
-"""Measured step time per DP rank: cost-balanced planning (LPT) vs equal-count assignment, 4 gloo ranks.
+"""Measured step time per rank: cost-balanced planning (LPT) vs equal-count assignment, 4 gloo ranks.
 
-Each rank loads its planned microbatches through TopologyAwareLoader and times the tiny model's forward
+Layouts: dp4, or tp2dp2 (two DP replicas of two TP peers: the replica's loading rank reads and
+broadcasts, its TP peer receives; the tiny model itself is not tensor-parallelised here, so both peers
+compute the replica's rows, which keeps the measure about the data). Each rank gets its planned
+microbatches through TopologyAwareLoader (timed: the wait for data) and times the tiny model's forward
 and backward on them: CPU time of the rank (one thread), and wall time. No gradient all-reduce, so
 waiting never hides imbalance. Per step the ranks' times are gathered and max/mean reported, next to
-the planner's predicted max/mean. The data is an uneven synthetic mix (small text samples next to large
-images and videos). Usage:
-    python bench/loader_balance.py [--steps 6] [--samples 120] [--max-seq-len 2048] [--image-max-side 640]
+the planner's predicted max/mean, with the share of the step spent waiting for data. The data is an
+uneven synthetic mix (small text samples next to large images and videos). Usage:
+    python bench/loader_balance.py [--layout tp2dp2] [--steps 6] [--samples 120] [--max-seq-len 2048]
 """
 
 from __future__ import annotations
@@ -55,11 +58,14 @@ def tiny_cost_model() -> CostModel:
     )
 
 
-def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_dir: str) -> None:
+LAYOUTS = {"dp4": {}, "tp2dp2": {"tp": 2}}
+
+
+def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_dir: str, layout: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    dims = ParallelDims(world_size=WORLD)
+    dims = ParallelDims(world_size=WORLD, **LAYOUTS[layout])
     model = build_model(tiny(), seed=0)
     results = {}
     for name, method in METHODS.items():
@@ -75,7 +81,10 @@ def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_di
         )
         rows = []
         for step in range(steps + 1):  # step 0 warms up
+            dist.barrier()  # every rank asks for its data together
+            waited = time.perf_counter()
             batch = loader.next_step()
+            waited = time.perf_counter() - waited
             dist.barrier()  # every rank starts the measured compute together
             started, cpu_started = time.perf_counter(), time.process_time()
             for mb in batch.microbatches:
@@ -90,13 +99,14 @@ def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_di
                 (loss_sum / count.clamp(min=1)).backward()
             # CPU time is the primary measure: on a host with fewer cores than ranks, wall time also
             # counts the time a rank waited for a core.
-            elapsed = torch.tensor([time.process_time() - cpu_started, time.perf_counter() - started])
-            times = [torch.zeros(2) for _ in range(WORLD)]
+            elapsed = torch.tensor([time.process_time() - cpu_started, time.perf_counter() - started, waited])
+            times = [torch.zeros(3) for _ in range(WORLD)]
             dist.all_gather(times, elapsed)
             model.zero_grad(set_to_none=True)
             if step:
                 t = [x[0].item() for x in times]
                 wall = [x[1].item() for x in times]
+                wait = [x[2].item() for x in times]
                 r = batch.report
                 rows.append(
                     {
@@ -104,6 +114,8 @@ def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_di
                         "rank_step_wall_s": wall,
                         "measured_max_over_mean": max(t) / statistics.mean(t),
                         "wall_max_over_mean": max(wall) / statistics.mean(wall),
+                        "rank_wait_s": wait,
+                        "wait_share": sum(wait) / (sum(wait) + sum(wall)),
                         "planned_max_over_mean": r["max_over_mean"],
                         "lower_bound": r["lower_bound"],
                         "samples": r["samples"],
@@ -118,6 +130,7 @@ def _rank(rank: int, port: int, data: dict, steps: int, max_seq_len: int, out_di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tp2dp2")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--samples", type=int, default=120)
     parser.add_argument("--max-seq-len", type=int, default=2048)
@@ -136,7 +149,10 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.start_processes(
-            _rank, args=(port, data, args.steps, args.max_seq_len, tmp), nprocs=WORLD, start_method="spawn"
+            _rank,
+            args=(port, data, args.steps, args.max_seq_len, tmp, args.layout),
+            nprocs=WORLD,
+            start_method="spawn",
         )
         rows = json.loads(Path(tmp, "rows.json").read_text())
     summary = {
@@ -146,14 +162,17 @@ def main() -> None:
             "wall_max_over_mean": statistics.mean(r["wall_max_over_mean"] for r in rs),
             "lower_bound": statistics.mean(r["lower_bound"] for r in rs),
             "slowest_rank_cpu_s": statistics.mean(max(r["rank_step_cpu_s"]) for r in rs),
+            "wait_share": statistics.mean(r["wait_share"] for r in rs),
         }
         for name, rs in rows.items()
     }
     report = {
         "bench": "loader_balance",
-        "command": f"python bench/loader_balance.py --steps {args.steps} --samples {args.samples} "
+        "command": f"python bench/loader_balance.py --layout {args.layout} --steps {args.steps} "
+        f"--samples {args.samples} "
         f"--max-seq-len {args.max_seq_len} --image-max-side {args.image_max_side}",
         "world": WORLD,
+        "layout": args.layout,
         "microbatches": 2,
         "host": platform.node(),
         "cpus": os.cpu_count(),

@@ -92,7 +92,8 @@ class ParallelConfig:
         )
 
 
-LOADERS = ("indexed", "stream")
+# One loader: planned from the shard indexes. "stream" (every rank decoding the whole mixture) is retired.
+LOADERS = ("indexed",)
 PLAN_METHODS = ("lpt", "kk", "random")
 
 
@@ -101,15 +102,16 @@ class DataConfig:
     manifest: str = MISSING  # dataset manifest YAML (keye-data synth writes one)
     tokenizer: str | None = None  # tokenizer dir; None: the manifest's
     microbatches: int = 1  # packed sequences per DP rank per optimizer step (gradient accumulation)
-    # indexed: plan every step from the shard indexes (`keye-data index` first) with cost balancing; each
-    #   DP replica reads only its samples, one rank per TP/CP group loads, only PP stage 0 gets pixels.
-    # stream: every rank decodes the mixture in order and keeps its share (no index needed; simple).
-    loader: str = "stream"
-    plan_method: str = "lpt"  # indexed: lpt | kk (Karmarkar-Karp) | random (equal count, the baseline)
-    fill: float = 0.95  # indexed: predicted tokens per step as a fraction of dp x microbatches x max_seq_len
-    prefetch: int = 2  # indexed: steps planned and loaded ahead in the background
-    workers: int = 0  # indexed: decoding processes per loading rank (0: decode in the loader thread)
-    cost_model: str | None = None  # indexed: coefficients from `keye-data calibrate` (JSON); None: FLOP-based
+    # The one loader: every step is planned from the shard indexes (built by keye-train when missing or
+    # stale) with cost balancing; each DP replica reads only its samples, one rank per TP/CP group loads,
+    # only PP stage 0 gets pixels. Kept as a key so old overrides (data.loader=indexed) still parse.
+    loader: str = "indexed"
+    plan_method: str = "lpt"  # lpt | kk (Karmarkar-Karp) | random (equal count, the baseline)
+    fill: float = 0.95  # predicted tokens per step as a fraction of dp x microbatches x max_seq_len
+    prefetch: int = 2  # steps planned and loaded ahead in the background
+    workers: int = 0  # decoding processes per loading rank (0: decode in the loader thread)
+    cost_model: str | None = None  # coefficients from `keye-data calibrate` (JSON); None: FLOP-based
+    build_index: bool = True  # build missing or stale shard indexes at start-up (rank 0; others wait)
     ioserver: IOServerConfig = field(default_factory=IOServerConfig)  # remote decoding (keye-ioserver)
     overlong: str = "skip"  # a sample longer than stage.max_seq_len: skip | truncate_text
     # Token share per source name, replacing the manifest's (e.g. stage 3's video 24 / image 50 / text 26);
@@ -123,7 +125,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.microbatches >= 1, f"data.microbatches={self.microbatches} must be >= 1")
-        _require(self.loader in LOADERS, f"data.loader={self.loader!r} must be one of {LOADERS}")
+        _require(
+            self.loader in LOADERS,
+            f"data.loader={self.loader!r}: the planned loader ('indexed') is the only loader since the "
+            "stream loader was retired; drop the override",
+        )
         _require(
             self.plan_method in PLAN_METHODS,
             f"data.plan_method={self.plan_method!r} must be in {PLAN_METHODS}",

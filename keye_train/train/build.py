@@ -1,4 +1,4 @@
-"""Build a run's pieces from its config: tokenizer, model config, weights (init_from), data stream."""
+"""Build a run's pieces from its config: tokenizer, model config, weights (init_from), data loader."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import torch
 from torch import nn
 
 from keye_train.config.schema import TrainConfig
-from keye_train.data.loader.packing import PackingConfig
-from keye_train.data.loader.stream import PackedStream
 from keye_train.data.shards.manifest import load_manifest
 from keye_train.data.text.tokenizer import LoadedTokenizer, load_tokenizer
 from keye_train.models.configs import KeyeConfig
@@ -108,39 +106,50 @@ def keye_config(cfg: TrainConfig, tokenizer: LoadedTokenizer) -> KeyeConfig:
     )
 
 
-def build_stream(
-    cfg: TrainConfig, tokenizer: LoadedTokenizer, *, manifest: str | None = None
-) -> PackedStream:
-    data_cfg = load_manifest(manifest or cfg.data.manifest)
-    return PackedStream(
-        data_cfg,
+def prepare_indexes(cfg: TrainConfig, tokenizer: LoadedTokenizer, *, manifests: list[str]) -> None:
+    """Build the manifests' missing or stale shard indexes on rank 0 (progress bar); the others wait."""
+    import torch.distributed as dist
+
+    from keye_train.data.shards.prepare import ensure_indexes
+
+    if not cfg.data.build_index:
+        return
+    distributed = dist.is_available() and dist.is_initialized()
+    ensure_indexes(
+        [load_manifest(m) for m in manifests],
         tokenizer=tokenizer,
-        packing=PackingConfig(
-            max_seq_len=cfg.stage.max_seq_len,
-            overlong=cfg.data.overlong,
-            pad_token_id=tokenizer.ids.endoftext,
-        ),
-        image_cfg=cfg.data.image,
-        video_cfg=cfg.data.video,
-        shares=cfg.data.shares or None,
+        builds=not distributed or dist.get_rank() == 0,
+        barrier=dist.barrier if distributed else None,
+        progress=cfg.logging.progress_bar,
     )
 
 
-def build_indexed_loader(cfg: TrainConfig, tokenizer: LoadedTokenizer, *, dims):
-    """The topology-aware loader over the shard indexes (see data/loader/planned.py)."""
+def build_loader(
+    cfg: TrainConfig,
+    tokenizer: LoadedTokenizer,
+    *,
+    dims,
+    manifest: str | None = None,
+    microbatches: int | None = None,
+    prefetch: int | None = None,
+):
+    """The planned, topology-aware loader over the shard indexes (data/loader/planned.py): the run's
+    data, or with `manifest`/`microbatches` a held-out set read as one planned step."""
     from keye_train.data.loader.planned import TopologyAwareLoader
     from keye_train.data.plan.cost import CostModel
 
     data = cfg.data
+    manifest = manifest or data.manifest
+    prepare_indexes(cfg, tokenizer, manifests=[manifest])
     return TopologyAwareLoader(
-        load_manifest(data.manifest),
+        load_manifest(manifest),
         dims=dims,
         tokenizer=tokenizer,
         max_seq_len=cfg.stage.max_seq_len,
-        microbatches=data.microbatches,
+        microbatches=microbatches or data.microbatches,
         cost_model=CostModel.load(data.cost_model) if data.cost_model else None,
         io=data.ioserver,
-        prefetch=data.prefetch,
+        prefetch=data.prefetch if prefetch is None else prefetch,
         workers=data.workers,
         plan_method=data.plan_method,
         fill=data.fill,
@@ -148,6 +157,31 @@ def build_indexed_loader(cfg: TrainConfig, tokenizer: LoadedTokenizer, *, dims):
         video_cfg=data.video,
         shares=data.shares or None,
         overlong=data.overlong,
+    )
+
+
+def build_pair_loader(
+    cfg: TrainConfig, tokenizer: LoadedTokenizer, *, world_size: int, rank: int, text_len: int
+):
+    """Stage 0's planned loader of image-caption pairs (data/loader/pairs.py), data parallel over every
+    rank, each rank's share bounded by stage.max_seq_len ViT patches."""
+    from keye_train.data.loader.pairs import PairLoader
+    from keye_train.data.plan.cost import CostModel
+
+    data = cfg.data
+    prepare_indexes(cfg, tokenizer, manifests=[data.manifest])
+    return PairLoader(
+        load_manifest(data.manifest),
+        tokenizer=tokenizer,
+        image_cfg=data.image,
+        max_patches=cfg.stage.max_seq_len,
+        text_len=text_len,
+        world_size=world_size,
+        rank=rank,
+        cost_model=CostModel.load(data.cost_model) if data.cost_model else None,
+        plan_method=data.plan_method,
+        fill=data.fill,
+        shares=data.shares or None,
     )
 
 

@@ -8,11 +8,10 @@ import torch
 import torch.distributed as dist
 
 from keye_train.checkpoint.dcp import combine_modules
-from keye_train.data.loader.pairs import PairBatch, PairStream
-from keye_train.data.shards.manifest import load_manifest
+from keye_train.data.loader.pairs import PairBatch, PairLoader
 from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
-from keye_train.train.build import build_weights
+from keye_train.train.build import build_pair_loader, build_weights
 from keye_train.train.stages import apply_stage
 from keye_train.train.trainer import Trainer
 
@@ -30,20 +29,21 @@ class SiglipTrainer(Trainer):
         self.checkpointed_model = combine_modules(self.model, self.tower)
         return trained
 
-    def build_stream(self) -> PairStream:
-        return PairStream(
-            load_manifest(self.cfg.data.manifest),
-            tokenizer=self.tokenizer,
-            image_cfg=self.cfg.data.image,
-            max_patches=self.cfg.stage.max_seq_len,
+    def build_stream(self) -> PairLoader:
+        """The planned loader's pairs: each step balanced over every rank (the ViT is data parallel)."""
+        return build_pair_loader(
+            self.cfg,
+            self.tokenizer,
+            world_size=self.dims.world_size,
+            rank=self.rank,
             text_len=self.keye_cfg.text_tower.max_positions,
         )
 
     def train_step(self) -> None:
         started = time.perf_counter()
         world = self.dims.world_size
-        batches = [self.stream.next_batch() for _ in range(world)]
-        mine = batches[self.rank]
+        step = self.stream.next_step()  # this rank's pairs of the planned global step
+        mine = step.microbatches[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._pair_loss(mine)  # this rank's share of the global batch's loss
         loss.backward()
@@ -51,13 +51,14 @@ class SiglipTrainer(Trainer):
             from keye_train.distributed.vision import reduce_visual_grads
 
             reduce_visual_grads([self.model.visual, self.tower])
-        global_loss = torch.tensor(loss.item())
+        patches = float(mine.pixel_values.shape[0])
+        global_loss = torch.tensor([loss.item(), patches], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(global_loss)
         self._finish_step(
-            loss=global_loss.item(),
-            tokens=sum(b.pixel_values.shape[0] for b in batches),  # ViT patches
-            keys=[key for b in batches for key in b.keys],
+            loss=global_loss[0].item(),
+            tokens=int(global_loss[1].item()),  # ViT patches of the global batch
+            keys=step.global_keys,
             started=started,
             rank_load=float(mine.pixel_values.shape[0]),
         )

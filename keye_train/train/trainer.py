@@ -17,8 +17,7 @@ from keye_train.config.schema import TrainConfig
 from keye_train.data.batch import PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.train.build import (
-    build_indexed_loader,
-    build_stream,
+    build_loader,
     build_tokenizer,
     build_weights,
     keye_config,
@@ -139,9 +138,8 @@ class Trainer:
         return {k: v for k, v in groups.items() if k in self.cfg.stage.train}
 
     def build_stream(self):
-        if self.cfg.data.loader == "indexed":
-            return build_indexed_loader(self.cfg, self.tokenizer, dims=self.dims)
-        return build_stream(self.cfg, self.tokenizer)
+        """The run's loader: planned from the shard indexes, built when missing (data/loader/planned.py)."""
+        return build_loader(self.cfg, self.tokenizer, dims=self.dims)
 
     def _restore_counters(self) -> None:
         counters = self.state.counters
@@ -200,27 +198,18 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------------
     def next_step_input(self) -> StepInput:
         """This rank's packed rows of the step, the step's global sample keys and target-token count."""
-        per_rank = self.cfg.data.microbatches
-        if self.cfg.data.loader == "indexed":
-            step = self.stream.next_step()
-            mine = step.microbatches
-            totals = torch.tensor(
-                [sum(b.num_target_tokens for b in mine), sum(b.input_ids.numel() for b in mine)],
-                dtype=torch.float64,
-            )
-            if self.dims.dp > 1:  # TP/CP/PP peers of a replica hold the same rows: sum over replicas only
-                dist.all_reduce(totals, group=self.dims.submesh("dp").get_group())
-            report = {f"plan_{k}": float(v) for k, v in step.report.items() if isinstance(v, (int, float))}
-            return StepInput(step.global_keys, mine, totals[0].item(), int(totals[1]), report=report)
-        # The stream loader: every rank reads the whole global batch and keeps its DP replica's rows.
-        rows = [self.stream.next_batch() for _ in range(self.dims.dp * per_rank)]
-        replicas = [rows[d * per_rank : (d + 1) * per_rank] for d in range(self.dims.dp)]
-        return StepInput(
-            keys=[key for b in rows for key in b.sample_keys],
-            mine=replicas[self.dims.dp_rank],
-            global_count=float(sum(b.num_target_tokens for b in rows)),
-            tokens=sum(b.input_ids.numel() for b in rows),
+        return self._step_input(self.stream.next_step())
+
+    def _step_input(self, step) -> StepInput:
+        mine = step.microbatches
+        totals = torch.tensor(
+            [sum(b.num_target_tokens for b in mine), sum(b.input_ids.numel() for b in mine)],
+            dtype=torch.float64,
         )
+        if self.dims.dp > 1:  # TP/CP/PP peers of a replica hold the same rows: sum over replicas only
+            dist.all_reduce(totals, group=self.dims.submesh("dp").get_group())
+        report = {f"plan_{k}": float(v) for k, v in step.report.items() if isinstance(v, (int, float))}
+        return StepInput(step.global_keys, mine, totals[0].item(), int(totals[1]), report=report)
 
     def train_step(self) -> None:
         started = time.perf_counter()
@@ -374,13 +363,22 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "eval_loss": eval_loss}) + "\n")
 
     def _eval_set(self) -> tuple[list[PackedBatch], torch.Tensor]:
-        """This replica's held-out rows and the target count of all of them: the same at every
-        evaluation, so they are read and decoded once."""
+        """This replica's held-out rows and the target count of all of them: one planned step of
+        data.eval_batches rows per replica over the eval manifest, the same at every evaluation, so
+        it is read and decoded once."""
         if not hasattr(self, "_eval_cache"):
             data = self.cfg.data
-            stream = build_stream(self.cfg, self.tokenizer, manifest=data.eval_manifest)
-            batches = [stream.next_batch() for _ in range(self.dims.dp * data.eval_batches)]
-            count = torch.tensor(float(max(1, sum(b.num_target_tokens for b in batches))))
-            start = self.dims.dp_rank * data.eval_batches
-            self._eval_cache = (batches[start : start + data.eval_batches], count)
+            loader = build_loader(
+                self.cfg,
+                self.tokenizer,
+                dims=self.dims,
+                manifest=data.eval_manifest,
+                microbatches=data.eval_batches,
+                prefetch=0,
+            )
+            try:
+                step = self._step_input(loader.next_step())
+            finally:
+                loader.close()
+            self._eval_cache = (step.mine, torch.tensor(float(max(1.0, step.global_count))))
         return self._eval_cache

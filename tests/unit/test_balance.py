@@ -82,3 +82,49 @@ def test_bad_arguments(kwargs, message):
     args = {"num_ranks": 2, "microbatches": 1, "max_seq_len": 100} | kwargs
     with pytest.raises(ValueError, match=message):
         plan_batch([PlanItem(0, 1.0, 10)], **args)
+
+
+def _reference_lpt(items, num_ranks, microbatches, capacity):
+    """The plain rule, written out: heaviest first, pop ranks least loaded first (ties: lowest rank)
+    until one has a microbatch with room, best fit inside it. O(k) pops per item once ranks are full."""
+    import heapq
+
+    cost = [0.0] * num_ranks
+    fills = [[0] * microbatches for _ in range(num_ranks)]
+    assign, deferred = {}, []
+    heap = [(0.0, r) for r in range(num_ranks)]
+    for item in sorted(items, key=lambda it: (-it.cost, it.index)):
+        popped, target = [], None
+        while heap:
+            c, r = heapq.heappop(heap)
+            room = [j for j in range(microbatches) if fills[r][j] + item.tokens <= capacity]
+            if room:
+                target = (r, max(room, key=lambda j: (fills[r][j], -j)))
+                break
+            popped.append((c, r))
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        if target is None:
+            deferred.append(item.index)
+            continue
+        r, j = target
+        fills[r][j] += item.tokens
+        cost[r] += item.cost
+        assign[item.index] = (r, j)
+        heapq.heappush(heap, (cost[r], r))
+    return assign, sorted(deferred)
+
+
+@pytest.mark.parametrize(("num_ranks", "microbatches", "fill"), [(16, 1, 0.97), (64, 2, 0.95), (8, 3, 1.1)])
+def test_fast_lpt_is_the_plain_rule_also_when_capacity_binds(num_ranks, microbatches, fill):
+    items = heavy_tailed_batch(
+        num_ranks=num_ranks, microbatches=microbatches, max_seq_len=SEQ, fill=fill, seed=num_ranks
+    )
+    plan = plan_batch(items, num_ranks=num_ranks, microbatches=microbatches, max_seq_len=SEQ)
+    check_complete(items, plan, microbatches)
+    assign, deferred = _reference_lpt(items, num_ranks, microbatches, SEQ)
+    got = {
+        i: (r, j) for r, rank in enumerate(plan.ranks) for j, mb in enumerate(rank.microbatches) for i in mb
+    }
+    assert sorted(plan.deferred) == deferred
+    assert got == assign

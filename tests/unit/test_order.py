@@ -133,3 +133,64 @@ def test_a_stale_state_is_refused(synthetic, text_mix):
         make_order(synthetic["manifest"]).load_state_dict(state)
     with pytest.raises(ValueError, match="shares"):
         make_order(synthetic["manifest"], shares={"text": 1.0})
+
+
+@pytest.mark.parametrize("by_tokens", [True, False])
+def test_vectorised_take_draws_exactly_what_next_draws(by_tokens):
+    """GlobalOrder.take (windows of due times merged in numpy) against the one-by-one rule of __next__,
+    with unusable samples (index errors, too long) in the stream and across epoch boundaries."""
+    import numpy as np
+
+    from keye_train.data.plan.order import _SourceTable
+    from keye_train.data.shards.manifest import DataConfig, SourceConfig
+
+    class Entry:
+        def __init__(self, key, error):
+            self.key, self.error = key, error
+
+    rng = np.random.default_rng(3)
+    share = {"token_share": 1.0} if by_tokens else {"weight": 1.0}
+    sources, tables = [], {}
+    for s, n in enumerate((37, 120, 5)):
+        cfg = SourceConfig(
+            name=f"src{s}", kind="text", shards=["a", "b"], **{k: v * (s + 1) for k, v in share.items()}
+        )
+        sources.append(cfg)
+        errors = rng.random(n) < 0.1
+        tokens = np.where(errors, 0, rng.integers(1, 300, n))
+        tables[cfg.name] = _SourceTable(
+            config=cfg,
+            shard_start=np.asarray([0, n // 2, n]),
+            entries=[Entry(f"{cfg.name}/{i}", "bad" if errors[i] else None) for i in range(n)],
+            tokens=tokens.astype(np.int64),
+            costs=tokens.astype(np.float64) * 2,
+        )
+    data = DataConfig(sources=sources, seed=4)
+    max_len = 250
+    one, many = GlobalOrder(data, tables=tables), GlobalOrder(data, tables=tables)
+
+    def usable(src, flat):
+        tok = many.column(src, flat, "tokens")
+        return ~many.column(src, flat, "errors") & (tok <= max_len)
+
+    for need in (1, 500, 3000, 7, 12000, 40000):
+        drawn = many.take(need, usable=usable)
+        got = [(r.source, r.key, r.epoch) for r in many.refs(drawn)]
+        expected, total = [], 0
+        while total < need:
+            ref = next(one)
+            expected.append((ref.source, ref.key, ref.epoch))
+            if ref.error is None and ref.tokens <= max_len:
+                total += ref.tokens
+        assert got == expected, need
+        assert one.state_dict() == many.state_dict()
+    assert many.epoch >= 2, "the draws must cross epoch boundaries"
+
+
+def test_two_seeds_give_different_orders_within_every_source(synthetic):
+    a, b = make_order(synthetic["manifest"], seed=1), make_order(synthetic["manifest"], seed=2)
+    for name in a.names:
+        pa, pb = a.permutation(name, 0), b.permutation(name, 0)
+        assert sorted(pa.tolist()) == sorted(pb.tolist()) == list(range(len(a.tables[name])))
+        if len(pa) > 3:
+            assert pa.tolist() != pb.tolist(), name

@@ -4,18 +4,63 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 from keye_train.data.batch import EncodedSample, PackedBatch
 from keye_train.data.ioserver.protocol import DecodeRequest, Skip, decode_request
 from keye_train.data.loader.encode import SampleEncoder, SkipCounter
 from keye_train.data.loader.packing import build_batch, truncate_text
+from keye_train.data.shards.manifest import SourceConfig
 
 log = logging.getLogger(__name__)
 
+
+class ShardFiles:
+    """Open shard files of one process, kept and reused (least recently used closed beyond `limit`):
+    a planned step reads many samples of each shard by offset, and opening the shard per sample costs a
+    syscall round trip and, on network filesystems, a metadata lookup each time."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.opens = 0  # shards opened so far (a reopen after eviction counts again)
+        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
+
+    def get(self, path: str) -> IO[bytes]:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")  # noqa: SIM115 - kept open, closed by close()
+            self.opens += 1
+            while len(self._files) > self.limit:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(path)
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def decode_local(req: DecodeRequest, *, encoder: SampleEncoder, files: ShardFiles) -> EncodedSample | Skip:
+    """decode_request for an index-entry request, reading through this process's open shard files."""
+    if req.entry is None:
+        return decode_request(req, encoder=encoder)
+    from keye_train.data.shards.index import read_record
+
+    try:
+        source = SourceConfig(name=req.source, kind=req.kind, shards=[req.shard], weight=1.0)
+        rec = read_record(req.shard, req.entry, source=source, fileobj=files.get(req.shard))
+        return encoder.encode(rec)
+    except Exception as exc:  # any bad input is a skip, with the reason format of decode_request
+        return Skip(key=req.key, source=req.source, reason=f"{type(exc).__name__}: {exc}")
+
+
 _WORKER_ENCODER: SampleEncoder | None = None
+_WORKER_FILES = ShardFiles()
 
 
 def _init_worker(tokenizer: Any, image_cfg: Any, video_cfg: Any) -> None:
@@ -27,7 +72,7 @@ def _init_worker(tokenizer: Any, image_cfg: Any, video_cfg: Any) -> None:
 
 
 def _decode_in_worker(req: DecodeRequest) -> EncodedSample | Skip:
-    return decode_request(req, encoder=_WORKER_ENCODER)
+    return decode_local(req, encoder=_WORKER_ENCODER, files=_WORKER_FILES)
 
 
 class Decoder:
@@ -48,13 +93,14 @@ class Decoder:
         if workers < 0:
             raise ValueError(f"loader.workers={workers} must be >= 0")
         self.encoder, self.workers, self.remote = encoder, workers, remote
+        self.files = ShardFiles()  # the in-process decoder's; each worker process keeps its own
         self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, requests: Sequence[DecodeRequest]) -> list[EncodedSample | Skip]:
         if self.remote is not None:
             return list(self.remote(requests))
         if self.workers == 0:
-            return [decode_request(r, encoder=self.encoder) for r in requests]
+            return [decode_local(r, encoder=self.encoder, files=self.files) for r in requests]
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -62,9 +108,13 @@ class Decoder:
                 initializer=_init_worker,
                 initargs=(self.encoder.tok, self.encoder.image_cfg, self.encoder.video_cfg),
             )
-        return list(self._pool.map(_decode_in_worker, requests))
+        # Chunks keep a shard's consecutive requests on one worker, which then reads them through one
+        # open file instead of every worker opening every shard.
+        chunk = max(1, len(requests) // (4 * self.workers))
+        return list(self._pool.map(_decode_in_worker, requests, chunksize=chunk))
 
     def close(self) -> None:
+        self.files.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -1,4 +1,4 @@
-"""Topology-aware loader: plan each step from the shard index, load only this replica's samples, broadcast."""
+"""Topology-aware loader: plan each step from the shard index, load only this replica's samples."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch.distributed as dist
 from keye_train.data.batch import EncodedSample, PackedBatch
 from keye_train.data.ioserver.protocol import DecodeRequest, Skip
 from keye_train.data.loader.decode import Decoder, pack_planned
-from keye_train.data.loader.encode import SampleEncoder, SkipCounter
+from keye_train.data.loader.encode import SampleEncoder
 from keye_train.data.loader.packing import OVERLONG_POLICIES
+from keye_train.data.loader.pixels import broadcast_pixels, to_wire, wire_layout
+from keye_train.data.loader.skips import WorldSkips
 from keye_train.data.plan.cost import CostModel
 from keye_train.data.plan.order import GlobalOrder, SampleRef, build_tables
 from keye_train.data.plan.steps import PlannedStep, StepPlanner
@@ -38,7 +40,21 @@ class StepData:
     global_keys: list[str]  # every sample consumed this step, in global order
     microbatches: list[PackedBatch]
     report: dict[str, Any] = field(default_factory=dict)
-    global_refs: list[SampleRef] = field(default_factory=list)
+    planned: PlannedStep | None = None  # the plan, on the ranks that made it (loading ranks)
+
+    @property
+    def global_refs(self) -> list[SampleRef]:
+        """The SampleRefs of global_keys (made on demand; on the ranks that planned the step only)."""
+        refs = self.__dict__.get("_refs")
+        if refs is None:
+            refs = self.__dict__["_refs"] = self.planned.global_refs if self.planned is not None else []
+        return refs
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. by a test harness) with its refs but without the plan, which holds the index.
+        state = dict(self.__dict__)
+        state["_refs"], state["planned"] = self.global_refs, None
+        return state
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,6 @@ class TopologyAwareLoader:
         video_cfg: Any = None,
         shares: dict[str, float] | None = None,
         overlong: str = "skip",
-        counter: SkipCounter | None = None,
         remote_decode: RemoteDecode | None = None,
     ) -> None:
         if prefetch < 0:
@@ -120,11 +135,15 @@ class TopologyAwareLoader:
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"data.overlong={overlong!r} must be one of {OVERLONG_POLICIES}")
         self.dims, self.max_seq_len, self.prefetch, self.overlong = dims, max_seq_len, prefetch, overlong
-        self.counter = counter or SkipCounter(
-            max_skip_rate=data_cfg.max_skip_rate, min_samples=data_cfg.min_samples_for_skip_rate
+        self.skips = WorldSkips(
+            [s.name for s in data_cfg.sources],
+            max_skip_rate=data_cfg.max_skip_rate,
+            min_samples=data_cfg.min_samples_for_skip_rate,
         )
         self.role = topology_role(dims)
-        self.opened_shards = 0  # shards this rank read samples from (ranks that do not load stay at 0)
+        self.opened_shards = 0  # distinct shards this rank's planned steps read (non-loading ranks: 0)
+        self.encoder = SampleEncoder(tokenizer, image_cfg=image_cfg, video_cfg=video_cfg)
+        self._pixel_stats = (tuple(self.encoder.image_cfg.mean), tuple(self.encoder.image_cfg.std))
         self._state: dict[str, Any] = {"step": 0, "order": {}, "deferred": []}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -133,7 +152,6 @@ class TopologyAwareLoader:
         self._io: _IODecode | None = None
         if not self.role.loads:
             return  # these ranks receive everything; they never read an index or a shard
-        self.encoder = SampleEncoder(tokenizer, image_cfg=image_cfg, video_cfg=video_cfg)
         tables = build_tables(
             data_cfg,
             image_cfg=self.encoder.image_cfg,
@@ -150,7 +168,7 @@ class TopologyAwareLoader:
             method=plan_method,
         )
         self._state = self.planner.state_dict()
-        if io is not None and remote_decode is None:
+        if io is not None and getattr(io, "addresses", None) and remote_decode is None:
             remote_decode = self._io = _IODecode(io, self.encoder)
         self.decoder = Decoder(self.encoder, workers=workers, remote=remote_decode)
         self.ids = tokenizer.ids
@@ -158,8 +176,9 @@ class TopologyAwareLoader:
     # -- loading (loading ranks only) ---------------------------------------------------------------
     def _load(self, planned: PlannedStep) -> tuple[list[PackedBatch], dict[str, Any]]:
         order = self.planner.order
-        for ref, reason in planned.skipped:
-            self.counter.skip(ref.source, ref.key, reason)
+        if self.role.dp_rank == 0:  # every replica plans the same skips; one counts them for the world
+            for ref, reason in planned.skipped:
+                self.skips.local.skip(ref.source, ref.key, reason, enforce=False)
         groups = planned.rank_items(self.role.dp_rank)
         requests = []
         for ref in (r for g in groups for r in g):
@@ -178,16 +197,16 @@ class TopologyAwareLoader:
             overlong=self.overlong,
             vision_start=self.ids.vision_start,
             vision_end=self.ids.vision_end,
-            counter=self.counter,
+            counter=self.skips.local,
         )
         report = planned.report()
         report.update(stats)
         return batches, report
 
-    def _produce_one(self) -> tuple[PlannedStep, list[PackedBatch], dict[str, Any]]:
+    def _produce_one(self) -> tuple[PlannedStep, list[PackedBatch], dict[str, Any], list[int]]:
         planned = self.planner.next_step()
         batches, report = self._load(planned)
-        return planned, batches, report
+        return planned, batches, report, self.skips.delta()
 
     def _producer(self) -> None:
         while not self._stop.is_set():
@@ -204,7 +223,7 @@ class TopologyAwareLoader:
             if isinstance(item, BaseException):
                 return
 
-    def _next_loaded(self) -> tuple[PlannedStep, list[PackedBatch], dict[str, Any]]:
+    def _next_loaded(self) -> tuple[PlannedStep, list[PackedBatch], dict[str, Any], list[int]]:
         if self.prefetch == 0:
             return self._produce_one()
         if self._thread is None:
@@ -219,48 +238,73 @@ class TopologyAwareLoader:
         return item
 
     # -- the trainer's interface --------------------------------------------------------------------
+    @property
+    def counter(self):
+        """The world's skip counts (the same on every rank after each step)."""
+        return self.skips.total
+
     def next_step(self) -> StepData:
-        """Collective over this DP replica: the next step's batches for this rank."""
+        """Collective over the world: the next step's batches for this rank.
+
+        The metadata (keys, positions, labels) is broadcast to the replica as one pickled
+        object; pixels go to the stage-0 TP/CP peers as tensors, uint8 when that is exact.
+        """
         meta: dict[str, Any] | None = None
-        pixels: list[torch.Tensor] | None = None
+        own: list[torch.Tensor] = []  # the loading rank's pixels per microbatch
+        wires: list[torch.Tensor] | None = None
+        delta, planned = None, None
+        mean, std = self._pixel_stats
         if self.role.loads:
-            planned, batches, report = self._next_loaded()
+            planned, batches, report, delta = self._next_loaded()
+            own = [b.pixel_values for b in batches]
+            if self.role.stage0_group is not None:
+                wires = [to_wire(p, mean=mean, std=std) for p in own]
             meta = {
                 "step": planned.step,
-                "refs": planned.global_refs,
+                "keys": planned.global_keys,
                 "report": report,
                 "state": planned.state_after,
+                "pixels": wire_layout(wires) if wires is not None else None,
                 "batches": [replace(b, pixel_values=torch.empty(0, 3, 14, 14)) for b in batches],
             }
-            pixels = [b.pixel_values for b in batches]
         if self.role.replica_group is not None:
             box = [meta]
             dist.broadcast_object_list(box, src=self.role.src, group=self.role.replica_group)
             meta = box[0]
-        if self.role.stage0 and self.role.stage0_group is not None:
-            box = [pixels]
-            dist.broadcast_object_list(box, src=self.role.src, group=self.role.stage0_group)
-            pixels = box[0]
         batches = meta["batches"]
         if self.role.stage0:
-            batches = [replace(b, pixel_values=p) for b, p in zip(batches, pixels)]
+            if self.role.stage0_group is not None:
+                own = broadcast_pixels(
+                    wires,
+                    layout=meta["pixels"],
+                    src=self.role.src,
+                    group=self.role.stage0_group,
+                    mean=mean,
+                    std=std,
+                )
+            batches = [replace(b, pixel_values=p) for b, p in zip(batches, own)]
+        # Skip counts of every replica (planning and decoding), summed over the world: the ceiling holds
+        # for the whole run and, through the state, across resumes.
+        self.skips.merge(delta, distributed=self.dims.world_size > 1)
         self._state = meta["state"]
-        refs = meta["refs"]
         return StepData(
             step=meta["step"],
-            global_keys=[r.key for r in refs],
+            global_keys=meta["keys"],
             microbatches=batches,
             report=meta["report"],
-            global_refs=refs,
+            planned=planned,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position after the last step next_step returned (not what prefetch planned since)."""
-        return copy.deepcopy(self._state)
+        """The data position after the last step next_step returned (not what prefetch planned since),
+        and the world's skip counts up to it."""
+        return copy.deepcopy({**self._state, "skips": self.skips.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._halt()
-        self._state = copy.deepcopy(dict(state))
+        state = copy.deepcopy(dict(state))
+        self.skips.load_state_dict(state.pop("skips", {}))
+        self._state = state
         if self.planner is not None:
             self.planner.load_state_dict(self._state)
 

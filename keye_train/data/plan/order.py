@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from keye_train.data.plan.cost import CostModel
-from keye_train.data.plan.mixture import Mixture
 from keye_train.data.shards.manifest import DataConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,18 @@ class SampleRef:
         return [self.source, self.shard, self.entry, self.key]
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """Samples drawn from the order, as arrays: source index (in sorted names), flat position, epoch."""
+
+    source: np.ndarray
+    flat: np.ndarray
+    epoch: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 @dataclass
 class _SourceTable:
     """A source's index entries flattened shard-major, with predicted tokens and costs per entry."""
@@ -49,6 +60,16 @@ class _SourceTable:
     entries: list[Any]  # IndexEntry per flat position
     tokens: np.ndarray  # (n,) int64
     costs: np.ndarray  # (n,) float64
+    errors: np.ndarray | None = None  # (n,) bool: the index or the prediction refuses the sample
+    why: Callable[[Any], str | None] | None = None  # the reason of an unusable entry
+
+    def __post_init__(self) -> None:
+        if self.errors is None:
+            self.errors = np.fromiter(
+                (getattr(e, "error", None) is not None for e in self.entries),
+                dtype=bool,
+                count=len(self.entries),
+            )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -60,6 +81,10 @@ class _SourceTable:
         if not entry >= 0 or flat >= self.shard_start[shard + 1]:
             raise ValueError(f"source {self.config.name!r}: entry {entry} out of range in shard {shard}")
         return flat
+
+    def key(self, flat: int) -> str:
+        key = getattr(self.entries, "key", None)
+        return key(flat) if key is not None else str(self.entries[flat].key)
 
     def shard_of(self, flat: int) -> int:
         return int(np.searchsorted(self.shard_start, flat, side="right")) - 1
@@ -81,58 +106,104 @@ def build_tables(
     load_index: Callable | None = None,
     predict_tokens: Callable | None = None,
 ) -> dict[str, _SourceTable]:
-    """Read every shard's index (never the shard) and predict each sample's tokens and cost."""
+    """Every shard's index (never the shard) with each sample's predicted tokens and cost, as columns
+    memory-mapped from the index's sidecar (data/shards/columns.py); with `load_index` given, from the
+    entries it returns (tests)."""
     default_load, default_predict = _default_index()
-    load_index = load_index or default_load
     predict_tokens = predict_tokens or default_predict
+
+    def predict(e: Any) -> tuple[int, float, bool]:
+        if getattr(e, "error", None):  # nothing to predict; the planner skips it with the reason
+            return 0, 0.0, True
+        try:
+            llm_tokens, frame_patches = predict_tokens(e, image_cfg=image_cfg, video_cfg=video_cfg)
+        except ValueError:  # e.g. an aspect ratio over 200: the encoder would refuse it too
+            return 0, 0.0, True
+        return (
+            int(llm_tokens),
+            cost_model.sample_cost(tokens=int(llm_tokens), frame_patches=frame_patches),
+            False,
+        )
+
+    def why(e: Any) -> str | None:
+        """The reason a sample is unusable: the index's, or the prediction's error."""
+        if getattr(e, "error", None):
+            return str(e.error)
+        try:
+            predict_tokens(e, image_cfg=image_cfg, video_cfg=video_cfg)
+        except ValueError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    if load_index is None:
+        return _column_tables(
+            data_cfg, predict=predict, why=why, parts=[image_cfg, video_cfg, cost_model, predict_tokens]
+        )
     tables = {}
     for source in data_cfg.sources:
-        starts, entries, tokens, costs = [0], [], [], []
+        starts, entries, rows = [0], [], []
         for shard in source.shards:
             shard_entries = load_index(shard)
-            for e in shard_entries:
-                if getattr(e, "error", None):  # nothing to predict; the planner skips it with the reason
-                    tokens.append(0)
-                    costs.append(0.0)
-                    continue
-                llm_tokens, frame_patches = predict_tokens(e, image_cfg=image_cfg, video_cfg=video_cfg)
-                tokens.append(int(llm_tokens))
-                costs.append(cost_model.sample_cost(tokens=int(llm_tokens), frame_patches=frame_patches))
+            rows += [predict(e) for e in shard_entries]
             entries += shard_entries
             starts.append(len(entries))
         if not entries:
             raise ValueError(f"source {source.name!r}: its shards' indexes list no sample ({source.shards})")
+        tokens, costs, errors = (np.asarray(c) for c in zip(*rows))
         tables[source.name] = _SourceTable(
             config=source,
             shard_start=np.asarray(starts, dtype=np.int64),
             entries=entries,
-            tokens=np.asarray(tokens, dtype=np.int64),
-            costs=np.asarray(costs, dtype=np.float64),
+            tokens=tokens.astype(np.int64),
+            costs=costs.astype(np.float64),
+            errors=errors.astype(bool),
+            why=why,
         )
     return tables
 
 
-@dataclass
-class _PositionalMixture(Mixture):
-    """Mixture whose draw is seeded by the current position (the cursors), not by a running generator.
+def _column_tables(
+    data_cfg: DataConfig, *, predict: Callable, why: Callable, parts: list
+) -> dict[str, _SourceTable]:
+    import json
 
-    Mixture's lag rule is kept as is; only the random number behind each draw becomes a function of
-    (seed, epoch, bases, cursors), so the order can be resumed from the cursors alone instead of a
-    generator's 2.5 KB state. A source counts as exhausted as soon as its cursor reaches its end, so
-    the draws after a resume see the same live sources as the uninterrupted run did.
-    """
+    from keye_train.data.shards.columns import LazyEntries, load_columns
+    from keye_train.data.shards.index import index_path, stale_reason
 
-    position: Callable[[], str] | None = None
-    is_live: Callable[[str], bool] | None = None
-
-    def _choose(self) -> str:
-        for name in self.names:
-            if not self.is_live(name):
-                self.tally[name].exhausted = True
-        if all(self.tally[n].exhausted for n in self.names):
-            return self.names[0]  # its stream is empty: Mixture's loop ends on the StopIteration
-        self.rng.seed(self.position())
-        return super()._choose()
+    tables = {}
+    for source in data_cfg.sources:
+        columns = []
+        for shard in source.shards:
+            path = index_path(shard)
+            if path.is_file():
+                with open(path) as f:
+                    line = f.readline()
+                try:
+                    reason = stale_reason(shard, json.loads(line) if line else {})
+                except json.JSONDecodeError:
+                    reason = "its header is not JSON"
+            else:
+                reason = "it does not exist"
+            if reason is not None:
+                raise ValueError(
+                    f"index of {shard!r} is not usable: {reason}; run `keye-data index {shard}` (or let "
+                    "keye-train build it: data.build_index=true)"
+                )
+            columns.append(load_columns(shard, parts=parts, predict=predict))
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in columns])]).astype(np.int64)
+        if starts[-1] == 0:
+            raise ValueError(f"source {source.name!r}: its shards' indexes list no sample ({source.shards})")
+        tables[source.name] = _SourceTable(
+            config=source,
+            shard_start=starts,
+            entries=LazyEntries(list(source.shards), columns, starts),
+            # in memory: 4 + 4 bytes per sample (int32 tokens, float32 cost); the rest stays mapped
+            tokens=np.concatenate([c["tokens"] for c in columns]),
+            costs=np.concatenate([c["cost"] for c in columns]),
+            errors=np.concatenate([c["error"] for c in columns]),
+            why=why,
+        )
+    return tables
 
 
 class GlobalOrder:
@@ -167,82 +238,161 @@ class GlobalOrder:
         self.cursors = dict.fromkeys(names, 0)
         self.bases = dict.fromkeys(names, 0)
         self._perm: dict[str, np.ndarray] = {}
-        self._prefix: dict[str, np.ndarray] = {}
-        self._iter: Iterator[SampleRef] | None = None
+        self._drawn: dict[str, float] = {}
+        self._by_tokens = data_cfg.by_tokens
+        total = sum(self.shares.values())
+        self._share = {n: self.shares[n] / total for n in names}
 
     # -- the order ----------------------------------------------------------------------------------
     def permutation(self, name: str, epoch: int) -> np.ndarray:
         """Flat entry positions of source `name` in the order of `epoch` (seeded by seed, epoch, name)."""
         source_id = zlib.crc32(name.encode())  # stable across processes, unlike hash()
         rng = np.random.default_rng([self.seed, epoch, source_id])
-        return rng.permutation(len(self.tables[name]))
+        perm = rng.permutation(len(self.tables[name]))
+        return perm.astype(np.int32) if len(perm) < 2**31 else perm  # half the memory at 100M samples
 
     def _start_epoch(self) -> None:
         for name in self.names:
-            perm = self.permutation(name, self.epoch)
-            self._perm[name] = perm
-            self._prefix[name] = np.concatenate([[0], np.cumsum(self.tables[name].tokens[perm])])
-        self._iter = None
+            self._perm[name] = self.permutation(name, self.epoch)
+        self._drawn = {}  # tokens (or samples) drawn since each source's base: the due-time clock
+        for name in self.names:
+            taken = self._perm[name][self.bases[name] : self.cursors[name]]
+            self._drawn[name] = float(
+                self.tables[name].tokens[taken].sum() if self._by_tokens else len(taken)
+            )
 
-    def _stream(self, name: str) -> Iterator[SampleRef]:
-        perm, n = self._perm[name], len(self.tables[name])
-        while self.cursors[name] < n:
-            flat = int(perm[self.cursors[name]])
-            self.cursors[name] += 1
-            yield self.ref_at(name, flat)
+    def _size(self, name: str, flat: int) -> float:
+        return float(self.tables[name].tokens[flat]) if self._by_tokens else 1.0
 
-    def _position(self) -> str:
-        bases = ",".join(str(self.bases[n]) for n in self.names)
-        cursors = ",".join(str(self.cursors[n]) for n in self.names)
-        return f"{self.seed}/{self.epoch}/{bases}/{cursors}"
-
-    def _mixture(self) -> Iterator[SampleRef]:
-        mixture = _PositionalMixture(
-            {n: self._stream(n) for n in self.names},
-            self.shares,
-            seed=self.seed,
-            by_tokens=self.data_cfg.by_tokens,
-            on_exhausted="drop",
-            position=self._position,
-            is_live=lambda n: self.cursors[n] < len(self.tables[n]),
-        )
-        for name in self.names:  # the lag counts what was drawn since the shares took effect
-            tally = mixture.tally[name]
-            tally.samples = self.cursors[name] - self.bases[name]
-            tally.tokens = int(self._prefix[name][self.cursors[name]] - self._prefix[name][self.bases[name]])
-        return iter(mixture)
+    def _due(self, name: str) -> float:
+        """When the next sample of `name` is due in the mixed stream: the midpoint of its tokens on the
+        source's own clock, scaled by 1/share. Drawing the smallest due time keeps every source within
+        one sample of its share of everything drawn so far, and is a pure function of the cursors."""
+        flat = int(self._perm[name][self.cursors[name]])
+        return (self._drawn[name] + 0.5 * self._size(name, flat)) / self._share[name]
 
     def __iter__(self) -> Iterator[SampleRef]:
         return self
 
     def __next__(self) -> SampleRef:
+        """The next sample: the live source with the smallest due time (ties: first name)."""
         for _ in range(2):  # at most one epoch boundary per draw
             if not self._perm:
                 self._start_epoch()
-            if self._iter is None:
-                self._iter = self._mixture()
-            ref = next(self._iter, None)
-            if ref is not None:
-                return ref
-            log.info("data order: epoch %d finished", self.epoch)
-            self.epoch += 1
-            self.cursors = dict.fromkeys(self.names, 0)
-            self.bases = dict.fromkeys(self.names, 0)
-            self._perm = {}
+            live = [n for n in self.names if self.cursors[n] < len(self.tables[n])]
+            if live:
+                name = min(live, key=lambda n: (self._due(n), self.names.index(n)))
+                flat = int(self._perm[name][self.cursors[name]])
+                self.cursors[name] += 1
+                self._drawn[name] += self._size(name, flat)
+                return self.ref_at(name, flat)
+            self._next_epoch()
         raise RuntimeError("data order produced no sample in a fresh epoch; every source is empty")
 
-    def ref_at(self, name: str, flat: int) -> SampleRef:
+    def _next_epoch(self) -> None:
+        log.info("data order: epoch %d finished", self.epoch)
+        self.epoch += 1
+        self.cursors = dict.fromkeys(self.names, 0)
+        self.bases = dict.fromkeys(self.names, 0)
+        self._perm = {}
+
+    def take(self, need: float, *, usable: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Drawn:
+        """The next samples in the order __next__ draws them, up to the first at which the tokens of
+        the `usable` ones (a mask from (source index, flat position) arrays) reach `need`. Vectorised:
+        each round merges a window of every live source's next due times."""
+        parts: list[tuple[np.ndarray, ...]] = []
+        window = 64
+        while need > 0:
+            if not self._perm:
+                self._start_epoch()
+            live = [i for i, n in enumerate(self.names) if self.cursors[n] < len(self.tables[n])]
+            if not live:
+                self._next_epoch()
+                if not parts and all(len(t) == 0 for t in self.tables.values()):
+                    raise RuntimeError(
+                        "data order produced no sample in a fresh epoch; every source is empty"
+                    )
+                continue
+            srcs, flats, dues, poss, limit = [], [], [], [], np.inf
+            for i in live:
+                name = self.names[i]
+                table, start = self.tables[name], self.cursors[name]
+                flat = self._perm[name][start : start + window + 1]
+                size = table.tokens[flat].astype(np.float64) if self._by_tokens else np.ones(len(flat))
+                due = (self._drawn[name] + np.cumsum(size) - 0.5 * size) / self._share[name]
+                if len(flat) > window:  # the first due time beyond the window bounds what is certain
+                    limit = min(limit, float(due[window]))
+                    flat, due = flat[:window], due[:window]
+                srcs.append(np.full(len(flat), i))
+                flats.append(flat)
+                dues.append(due)
+                poss.append(np.arange(len(flat)))
+            src, flat, due, pos = (np.concatenate(x) for x in (srcs, flats, dues, poss))
+            order = np.lexsort((pos, src, due))
+            src, flat, due = src[order], flat[order], due[order]
+            certain = int(np.searchsorted(due, limit, side="left"))  # strictly before the limit
+            src, flat = src[:certain], flat[:certain]
+            tokens = self._tokens_of(src, flat)
+            gained = np.cumsum(np.where(usable(src, flat), tokens, 0))
+            cut = int(np.searchsorted(gained, need, side="left")) + 1 if len(gained) else 0
+            cut = min(cut, len(src))
+            if cut == 0:
+                window *= 4
+                continue
+            src, flat = src[:cut], flat[:cut]
+            need -= float(gained[cut - 1])
+            parts.append((src, flat, np.full(cut, self.epoch)))
+            counts = np.bincount(src, minlength=len(self.names))
+            for i in live:
+                name = self.names[i]
+                if counts[i]:
+                    mine = flat[src == i]
+                    self.cursors[name] += int(counts[i])
+                    table = self.tables[name]
+                    self._drawn[name] += (
+                        float(table.tokens[mine].sum()) if self._by_tokens else float(len(mine))
+                    )
+            window = min(window * 4, 1 << 22) if cut == certain else window
+        if not parts:
+            return Drawn(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Drawn(*(np.concatenate([p[j] for p in parts]) for j in range(3)))
+
+    def _tokens_of(self, src: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        return self.column(src, flat, "tokens")
+
+    def column(self, src: np.ndarray, flat: np.ndarray, name: str) -> np.ndarray:
+        """A per-sample column (tokens, costs, errors) of the tables at (source index, flat) pairs."""
+        first = getattr(self.tables[self.names[0]], name)
+        out = np.empty(len(src), dtype=first.dtype)
+        for i, source in enumerate(self.names):
+            mask = src == i
+            if mask.any():
+                out[mask] = getattr(self.tables[source], name)[flat[mask]]
+        return out
+
+    def refs(self, drawn: Drawn) -> list[SampleRef]:
+        """SampleRefs of drawn samples (what plans, states and metrics name)."""
+        return [
+            self.ref_at(self.names[i], f, epoch=e)
+            for i, f, e in zip(*(a.tolist() for a in (drawn.source, drawn.flat, drawn.epoch)))
+        ]
+
+    def ref_at(self, name: str, flat: int, *, epoch: int | None = None) -> SampleRef:
         table = self.tables[name]
         shard = table.shard_of(flat)
-        error = getattr(table.entries[flat], "error", None)
+        error = None
+        if table.errors[flat]:
+            entry = table.entries[flat]
+            error = table.why(entry) if table.why is not None else getattr(entry, "error", None)
+            error = error or "unusable"
         return SampleRef(
             source=name,
             shard=shard,
             entry=flat - int(table.shard_start[shard]),
-            key=str(table.entries[flat].key),
+            key=table.key(flat),
             tokens=int(table.tokens[flat]),
             cost=float(table.costs[flat]),
-            epoch=self.epoch,
+            epoch=self.epoch if epoch is None else epoch,
             error=str(error) if error else None,
         )
 
@@ -316,7 +466,6 @@ class GlobalOrder:
             )
             self.bases = dict(self.cursors)
         self._perm = {}
-        self._iter = None
 
 
 def _normalised(shares: Mapping[str, float]) -> dict[str, float]:
