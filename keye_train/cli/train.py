@@ -10,7 +10,12 @@ import torch
 import torch.distributed as dist
 
 from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
-from keye_train.distributed.parallel_dims import ParallelDims, init_distributed, shutdown_distributed
+from keye_train.distributed.parallel_dims import (
+    ParallelDims,
+    init_distributed,
+    shutdown_distributed,
+    world_size_from_env,
+)
 from keye_train.train.build import resolve_device
 
 USAGE = """usage: keye-train recipe=NAME [key=value ...]
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keye-train: error: {exc}", file=sys.stderr)
         return 2
     device = resolve_device(cfg.parallel.device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size > 1:
         init_distributed(device_type=device.type)
         if device.type == "cuda":
