@@ -15,8 +15,8 @@ from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.vision import (
     VisualEncoder,
     VisualRouter,
+    VisualWorkReport,
     frame_pixels,
-    reduce_visual_grads,
     visual_items,
 )
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
@@ -42,15 +42,54 @@ def _refuse_layout(cfg: TrainConfig, dims: ParallelDims) -> None:
         )
 
 
+class _Towers(nn.Module):
+    """Stage 0's root module: the ViT and the text tower, and a forward that runs the step's pair loss, so
+    under FSDP every unit is gathered inside the root's forward (FSDP2's first forward defines the root)."""
+
+    def __init__(self, visual: nn.Module, tower: nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.visual, self.tower = visual, tower
+        self.loss_fn = loss_fn  # a bound method of the step (not a module): called, never registered
+
+    def forward(self, batch: PairBatch):
+        return self.loss_fn(batch)
+
+
+def shard_towers(root: _Towers, *, dims: ParallelDims, cfg: TrainConfig) -> None:
+    """ZeRO over every rank for stage 0 (parallelize.zero_stage, mixed_precision, cpu_offload honoured):
+    one FSDP unit per ViT and text layer, the rest of each tower, and the root. The towers' remainders
+    (patch/text embeddings, post-norms, pooling heads, logit scale and bias) stay gathered from forward to
+    backward: the pooling head and the logit scale are used after their tower's forward returns. With one
+    pair batch per step ZeRO-1 and ZeRO-2 coincide; ZeRO-3 also reshards every layer after its forward.
+    Gradients are summed (the loss is already each rank's share of the global loss)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    from keye_train.distributed.fsdp import FSDPConfig
+
+    p = cfg.parallelize
+    fsdp = FSDPConfig(zero_stage=p.zero_stage, mixed_precision=p.mixed_precision, cpu_offload=p.cpu_offload)
+    offload = CPUOffloadPolicy(pin_memory=dims.device_type == "cuda") if p.cpu_offload else OffloadPolicy()
+    common = dict(mesh=dims.submesh("world"), mp_policy=fsdp.mp_policy(), offload_policy=offload)
+    layers = [*root.visual.vision_model.encoder.layers, *root.tower.text_model.encoder.layers]
+    units = []
+    for layer in layers:
+        units.append(fully_shard(layer, reshard_after_forward=fsdp.zero_stage == 3, **common))
+    for remainder in (root.visual, root.tower):
+        units.append(fully_shard(remainder, reshard_after_forward=False, **common))
+    units.append(fully_shard(root, reshard_after_forward=False, **common))
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+
+
 class SiglipStep:
     """The step protocol (`train/step.py`) for the sigmoid contrastive loss.
 
     Images go through the heterogeneous ViT router like every other stage's: each image of the global
     batch is encoded once in the world by predicted cost, and its pooled embedding is routed to the rank
     holding its caption. The sigmoid loss is the global batch's: every rank's pairs are negatives for all
-    others (`distributed/contrastive.py`), and each rank back-propagates its share. The towers are
-    replicated (no ZeRO sharding: parallelize.zero_stage does not apply here); their gradients are summed
-    in one flat all-reduce per step.
+    others (`distributed/contrastive.py`), and each rank back-propagates its share. With world > 1 the
+    towers are sharded with the run's ZeRO stage over every rank (`shard_towers`).
     """
 
     def __init__(
@@ -64,9 +103,13 @@ class SiglipStep:
     ) -> None:
         _refuse_layout(cfg, dims)
         self.model, self.tower, self.dims, self.device = model, tower, dims, device
+        self.root = _Towers(model.visual, tower, self._pair_loss)
+        if dims.world_size > 1:
+            shard_towers(self.root, dims=dims, cfg=cfg)
         vision = model.visual.vision_model
         encoder = VisualEncoder(
-            fn=lambda pixels, grid: vision.pool(vision(pixels, grid), grid),
+            # Through `visual` (not vision_model) so that its FSDP unit gathers the embeddings and head.
+            fn=lambda pixels, grid: vision.pool(model.visual(pixels, grid), grid),
             rows=lambda item: 1,
             width=model.cfg.vision.hidden_size,
         )
@@ -83,29 +126,28 @@ class SiglipStep:
         return [p for m in self.trained_groups.values() for p in m.parameters() if p.requires_grad]
 
     def clip_grad_norm(self, max_norm: float | None) -> Tensor:
-        return clip_grad_norm(self.trained_parameters, max_norm)  # replicated: the local norm is global
+        return clip_grad_norm(self.trained_parameters, max_norm)  # sharded norms complete over the mesh
 
     def local_flops(self, rows: list[PairBatch], keye_cfg: object) -> float | None:
         return None  # MFU is defined for the language-model stages
 
     def forward_backward(self, rows: list[PairBatch], *, global_count: Tensor) -> StepResult:
         (batch,) = rows
-        loss, routed_patches, total = self._pair_loss(batch)
+        loss, report, total = self.root(batch)
         loss.backward()
-        if self.dims.world_size > 1:
-            reduce_visual_grads([self.model.visual, self.tower])
         return StepResult(
             loss=sum_scalars(self.dims, [loss.item()], over="world")[0],
             rank_load=float(batch.pixel_values.shape[0]),
-            vit_patches=routed_patches,
+            vit_patches=self.router.encoded_patches,
             vit_patches_global=total,
+            vit_imbalance=report.imbalance,
         )
 
     def evaluate(self, rows: list[PairBatch], *, global_count: Tensor) -> float:
         raise NotImplementedError("held-out evaluation is defined for the language-model stages only")
 
-    def _pair_loss(self, batch: PairBatch) -> tuple[Tensor, int, int]:
-        """This rank's share of the global batch's sigmoid loss, its encoded patches and the global ones."""
+    def _pair_loss(self, batch: PairBatch) -> tuple[Tensor, VisualWorkReport, int]:
+        """This rank's share of the global batch's sigmoid loss, the router's plan and the global patches."""
         grid = batch.grid_thw
         grids = gather_objects(self.dims, grid.tolist(), over="world")
         me = rank_in(self.dims, over="world")
@@ -116,13 +158,13 @@ class SiglipStep:
             grid_t = torch.tensor(g, dtype=torch.long).reshape(-1, 3)
             items += visual_items(grid_t, consumers=[rank], grad_copies=1)
         frames = frame_pixels(batch.pixel_values, grid)
-        image_embeds, _ = self.router(items, pixels=lambda i: frames[i - first])
+        image_embeds, report = self.router(items, pixels=lambda i: frames[i - first])
         text_embeds = self.tower(batch.text_ids.to(self.device))
         loss_fn = sigmoid_loss_global_negatives if self.dims.world_size > 1 else sigmoid_contrastive_loss
         loss = loss_fn(
             image_embeds, text_embeds, logit_scale=self.tower.logit_scale, logit_bias=self.tower.logit_bias
         )
-        return loss, self.router.encoded_patches, sum(item.num_patches for item in items)
+        return loss, report, sum(item.num_patches for item in items)
 
 
 class SiglipTrainer(Trainer):
