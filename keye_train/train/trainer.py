@@ -175,7 +175,7 @@ class Trainer:
                 over="dp",
             )
             report = {f"plan_{k}": float(v) for k, v in step.report.items() if isinstance(v, (int, float))}
-            return StepInput(step.global_keys, mine, totals[0].item(), int(totals[1]), report=report)
+            return StepInput(step.global_keys, mine, totals[0], int(totals[1]), report=report)
         # The stream loader: every rank reads the whole global batch and keeps its DP replica's rows.
         rows = [self.stream.next_batch() for _ in range(self.dims.dp * per_rank)]
         replicas = [rows[d * per_rank : (d + 1) * per_rank] for d in range(self.dims.dp)]
