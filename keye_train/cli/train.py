@@ -12,7 +12,12 @@ import torch.distributed as dist
 from keye_train.cli.failure import report_failure, run_reporting
 from keye_train.cli.launcher_guard import watch_launcher
 from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
-from keye_train.distributed.parallel_dims import ParallelDims, init_distributed, shutdown_distributed
+from keye_train.distributed.parallel_dims import (
+    ParallelDims,
+    init_distributed,
+    shutdown_distributed,
+    world_size_from_env,
+)
 from keye_train.train.build import resolve_device
 from keye_train.train.preflight import broadcast_preflight
 from keye_train.train.summary import print_run_summary
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(recipe: str, resolved, cfg) -> int:
     watch_launcher()  # under torchrun: stop when the launcher dies
     device = resolve_device(cfg.parallel.device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size > 1:
         init_distributed(device_type=device.type)
         if device.type == "cuda":

@@ -77,7 +77,7 @@ class ParallelDims:
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device_type == "cuda" else "gloo"
+        return process_group_backend(self.device_type)
 
     @property
     def dp(self) -> int:
@@ -160,13 +160,45 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
     gc.collect()
 
 
+def local_rank_from_env() -> int:
+    """This process's index on its node: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID (srun without
+    torchrun), else 0 (a single process)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def world_size_from_env() -> int:
+    """The launch's world size: torchrun's WORLD_SIZE, else Slurm's SLURM_NTASKS, else 1."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
+def process_group_backend(device_type: str) -> str:
+    """gloo on CPU; on CUDA NCCL for CUDA tensors plus gloo for CPU ones (object collectives, metadata)."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init_distributed(*, device_type: str = "cpu") -> int:
-    """Initialise the default process group from torchrun's environment; returns this rank."""
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    """Initialise the default process group from torchrun's (or Slurm's) environment; returns this rank.
+
+    On CUDA the device is chosen from the local rank and set BEFORE the process group exists, so NCCL's
+    communicators bind to it (a device picked from the global rank afterwards is wrong on multi-node runs
+    whose nodes differ in GPU count, and too late for the eager NCCL init)."""
     if device_type == "cuda":
-        # torchrun's LOCAL_RANK: the rank's GPU on its node (rank % count is wrong with uneven nodes).
-        local = os.environ.get("LOCAL_RANK")
-        index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
-        torch.cuda.set_device(index)
+        local_rank = local_rank_from_env()
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at "
+                "most that many processes per node (torchrun --nproc-per-node)"
+            )
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun
+            os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+            os.environ.setdefault("WORLD_SIZE", str(world_size_from_env()))
+        dist.init_process_group(backend=process_group_backend(device_type))
     return dist.get_rank()

@@ -64,10 +64,57 @@ def frame_pixels(pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
 
 
 def stage0_consumers(dims: ParallelDims) -> list[list[int]]:
-    """For each DP replica (dp rank order), the global ranks of its pipeline stage 0 (all tp/cp peers)."""
+    """For each DP replica (dp rank order), the global ranks of its pipeline stage 0 (all tp/cp peers;
+    with pp=1 every rank of the replica)."""
+    if dims.world_size == 1 and not dist.is_initialized():
+        return [[0]]
     ranks = dims.mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp) global ranks
     assert tuple(dims.mesh.mesh_dim_names) == MESH_DIMS
     return ranks[0].reshape(dims.dp, dims.cp * dims.tp).tolist()
+
+
+@dataclass(frozen=True)
+class RoutedVisuals:
+    """One routing round's result on this rank."""
+
+    embeds: Tensor  # this replica's visual rows in placeholder order (possibly empty, still routed)
+    report: VisualWorkReport
+    encoded_patches: int  # patches of real items this rank encoded
+    global_patches: int  # patches of the whole global batch (all replicas)
+
+
+def route_replica_visuals(
+    router: VisualRouter, dims: ParallelDims, *, grid_thw: Tensor, pixel_values: Tensor | None
+) -> RoutedVisuals:
+    """The heterogeneous ViT for one round of every DP replica's rows (a microbatch, or a pipeline step).
+
+    grid_thw: this replica's items (every rank of the replica passes the same); pixel_values: their
+    patches on the ranks that hold them (the replica's pipeline stage 0; None elsewhere). The replicas'
+    grids are all-gathered over dp, so every rank plans the same items of the global batch; each item is
+    encoded once in the world and its rows delivered to every stage-0 rank of its replica (TP peers'
+    identical gradients averaged, CP peers' slices summed).
+    """
+    from keye_train.distributed.collectives import gather_objects
+
+    grids = [grid_thw.tolist()]
+    if dims.dp > 1:
+        grids = gather_objects(dims, grids[0], over="dp")  # dp group rank order == dp_rank
+    consumers = stage0_consumers(dims)
+    items: list[VisualItem] = []
+    first_item = 0
+    for replica, grid in enumerate(grids):
+        if replica == dims.dp_rank:
+            first_item = len(items)
+        grid_t = torch.tensor(grid, dtype=torch.long).reshape(-1, 3)
+        items += visual_items(grid_t, consumers=consumers[replica], grad_copies=dims.tp)
+    frames = frame_pixels(pixel_values, grid_thw) if pixel_values is not None else []
+    embeds, report = router(items, pixels=lambda i: frames[i - first_item])
+    return RoutedVisuals(
+        embeds=embeds,
+        report=report,
+        encoded_patches=router.encoded_patches,
+        global_patches=sum(item.num_patches for item in items),
+    )
 
 
 class PatchCost:
@@ -150,12 +197,47 @@ class _RouteRows(torch.autograd.Function):
         return grad_send, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class VisualEncoder:
+    """What the router runs on an item: `fn(pixels, grid)` packs items (grid one (1, h, w) row each) into
+    `rows(item)` output rows per item of `width` columns. The default is the ViT + projector (LLM tokens);
+    stage 0 routes one pooled embedding per image instead."""
+
+    fn: Callable[[Tensor, Tensor], Tensor]
+    rows: Callable[[VisualItem], int]
+    width: int
+
+
+def projector_encoder(model: nn.Module) -> VisualEncoder:
+    """ViT + projector: an item's h*w patches become h*w / merge^2 LLM-width rows."""
+    merge = model.cfg.projector.merge_size
+    return VisualEncoder(
+        fn=model.encode_visual,
+        rows=lambda item: item.num_patches // merge**2,
+        width=model.cfg.language.hidden_size,
+    )
+
+
+def _uses_fsdp(modules: Sequence[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for module in modules for m in module.modules())
+
+
 class VisualRouter:
     """Encodes this rank's share of the global batch's visual items and routes embeddings to consumers.
 
-    model: has `encode_visual(pixel_values, grid_thw)` (the ViT + projector, replicated on every rank) and
-    `cfg`. Every rank of `group` must call the router each step with the same items, and must later run
-    backward through what it returned (see `Pipeline.step`), even when that is empty.
+    model: has `visual` (the ViT), `mlp_AR` and `cfg`; `encoder` says what runs on an item (default: the
+    ViT + projector). Every rank of `group` must call the router each step with the same items, and must
+    later run backward through what it returned (see `Pipeline.step`), even when that is empty. Without a
+    process group (one process) it simply encodes every item.
+
+    When the ViT is sharded by FSDP its units all-gather in every rank's forward and reduce-scatter in
+    every rank's backward, so a rank that was assigned nothing still encodes a blank 2x2-patch image,
+    drops its rows and stays in the graph: the same collectives, unchanged math. When the global batch has
+    no visual item at all, no rank runs the ViT (its gradients stay None, as in a single process).
+    dtype: the dtype embeddings travel in (every rank must agree, also one that encodes nothing);
+    None takes the projector's parameter dtype.
     """
 
     def __init__(
@@ -165,17 +247,28 @@ class VisualRouter:
         group: dist.ProcessGroup | None = None,
         cost_fn: CostFn | None = None,
         assign_fn: AssignFn = greedy_longest_first,
+        encoder: VisualEncoder | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.group = group
         self.cost_fn = cost_fn or PatchCost(model.cfg.vision.hidden_size)
         self.assign_fn = assign_fn
-        self.merge = model.cfg.projector.merge_size
-        self.hidden_size = model.cfg.language.hidden_size
+        self.encoder = encoder or projector_encoder(model)
+        param = next(model.mlp_AR.parameters())
+        self.device = param.device
+        self.dtype = dtype or param.dtype
+        self.sharded = _uses_fsdp([model.visual, model.mlp_AR])
+        self.encoded_patches = 0  # patches of real items this rank encoded in the last call
+
+    def _world(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 1, 0
+        return dist.get_world_size(self.group), dist.get_rank(self.group)
 
     def plan(self, items: Sequence[VisualItem]) -> tuple[list[int], VisualWorkReport]:
         """The encoding rank of every item and the resulting spread of work."""
-        world = dist.get_world_size(self.group)
+        world, _ = self._world()
         costs = [self.cost_fn(item) for item in items]
         owner = self.assign_fn(costs, world)
         if len(owner) != len(items) or any(not 0 <= r < world for r in owner):
@@ -195,11 +288,15 @@ class VisualRouter:
         pixels(i) returns item i's patches (h*w, 3, p, p); it is called only on the consumers of item i
         (which must hold them), for the items they encode or send to the rank that encodes them.
         """
-        world = dist.get_world_size(self.group)
-        me = dist.get_rank(self.group)
+        world, me = self._world()
         owner, report = self.plan(items)
-        tokens = [item.num_patches // self.merge**2 for item in items]
+        tokens = [self.encoder.rows(item) for item in items]
         mine = [i for i, r in enumerate(owner) if r == me]
+        self.encoded_patches = sum(items[i].num_patches for i in mine)
+        if not items:
+            return torch.empty(0, self.encoder.width, device=self.device, dtype=self.dtype), report
+        if world == 1:
+            return self._encode(items, mine, pixels), report
         received = self._exchange_pixels(items, owner, pixels)
         encoded = self._encode(items, mine, lambda i: received[i] if i in received else pixels(i))
 
@@ -248,7 +345,7 @@ class VisualRouter:
         moves = [i for i, item in enumerate(items) if owner[i] not in item.consumers]
         if not moves:
             return {}
-        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
+        world, me = self._world()
         # One pass over the moves (not one per rank): this runs every step with up to thousands of ranks.
         sends: list[list[int]] = [[] for _ in range(world)]
         recvs: list[list[int]] = [[] for _ in range(world)]
@@ -260,9 +357,13 @@ class VisualRouter:
                 recvs[source].append(i)
         channels, patch = 3, self.model.cfg.vision.patch_size
         numel = {i: items[i].num_patches * channels * patch * patch for i in moves}
-        param = next(self.model.visual.parameters())
         send = [pixels(i).reshape(-1) for group in sends for i in group]
-        send_buf = torch.cat(send).to(param.device) if send else param.new_empty(0)
+        # Pixels travel in fp32 on every rank (a rank that sends nothing must still agree on the dtype).
+        send_buf = (
+            torch.cat(send).to(self.device, torch.float32)
+            if send
+            else torch.empty(0, device=self.device, dtype=torch.float32)
+        )
         recv_sizes = [sum(numel[i] for i in group) for group in recvs]
         recv_buf = send_buf.new_empty(sum(recv_sizes))
         dist.all_to_all_single(
@@ -279,12 +380,17 @@ class VisualRouter:
     def _encode(
         self, items: Sequence[VisualItem], mine: list[int], pixels: Callable[[int], Tensor]
     ) -> Tensor:
-        if not mine:
-            param = next(self.model.mlp_AR.parameters())
-            return param.new_empty(0, self.hidden_size)
-        grid = torch.tensor([(1, *items[i].grid_hw) for i in mine])
-        # Encoded in one packed ViT call: attention stays within each frame (segment per item).
-        return self.model.encode_visual(torch.cat([pixels(i) for i in mine]), grid)
+        if not mine and not self.sharded:
+            return torch.empty(0, self.encoder.width, device=self.device, dtype=self.dtype)
+        if mine:
+            grid = torch.tensor([(1, *items[i].grid_hw) for i in mine], device=self.device)
+            # Encoded in one packed ViT call: attention stays within each frame (segment per item).
+            batch = torch.cat([pixels(i).to(self.device) for i in mine])
+            return self.encoder.fn(batch, grid).to(self.dtype)
+        # FSDP-sharded ViT and nothing assigned: a blank image keeps this rank in every unit's collectives.
+        patch = self.model.cfg.vision.patch_size
+        blank = torch.zeros(4, 3, patch, patch, device=self.device)
+        return self.encoder.fn(blank, torch.tensor([[1, 2, 2]], device=self.device))[:0].to(self.dtype)
 
 
 @torch.no_grad()
@@ -300,7 +406,8 @@ def reduce_visual_grads(
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if not params:
         return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    # On the parameters' device: NCCL takes no CPU tensor.
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     # One bucket: a collective per parameter would cost far more latency than the extra bytes.

@@ -227,6 +227,7 @@ class MetricsLogger:
         rank_step_times_s: Sequence[float] | None = None,
         rank_tokens: Sequence[float] | None = None,
         extra: dict[str, float] | None = None,
+        per_rank: dict[str, Sequence[float]] | None = None,
     ) -> dict[str, Any]:
         """Record optimizer step `step` (0-based); returns the record (on every rank).
 
@@ -261,6 +262,8 @@ class MetricsLogger:
         }
         for key, value in (extra or {}).items():
             record[key] = _num(value)
+        for key, values in (per_rank or {}).items():  # one value per rank, in world rank order
+            record[key] = [_num(v) for v in values]
         if self.is_writer:
             self._write(record)
         return record

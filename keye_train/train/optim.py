@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from keye_train.distributed.collectives import all_reduce_group_
+
 MODULE_GROUPS = ("vit", "projector", "llm", "text_tower")
 IMPLEMENTATIONS = ("auto", "foreach", "fused", "for_loop")
 
@@ -177,10 +179,9 @@ def _combine(norms: list[Tensor], *, norm_type: float, device: torch.device) -> 
 
 def _reduce_over_group(norm: Tensor, *, norm_type: float, group: dist.ProcessGroup) -> Tensor:
     if math.isinf(norm_type):
-        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
-        return norm
+        return all_reduce_group_(norm, group=group, op="max")
     powered = norm.pow(norm_type)
-    dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_group_(powered, group=group)
     return powered.pow(1.0 / norm_type)
 
 
@@ -265,9 +266,6 @@ def grads_are_finite(params: Iterable[Tensor], *, group: dist.ProcessGroup | Non
     bad = any(not bool(torch.isfinite(g).all()) for g in local)
     if dist.is_available() and dist.is_initialized():
         device = local[0].device if local else torch.device("cpu")
-        if dist.get_backend(group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
         flag = torch.tensor([1.0 if bad else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        bad = bool(flag.item() > 0)
+        bad = bool(all_reduce_group_(flag, group=group, op="max").item() > 0)
     return not bad

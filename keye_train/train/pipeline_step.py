@@ -12,48 +12,46 @@ torch.distributed.pipelining defers the FSDP gradient reduction to the last micr
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from keye_train.config.schema import TrainConfig
 from keye_train.data.batch import PackedBatch
-from keye_train.data.plan.cost import CostModel
 from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
+from keye_train.distributed.collectives import sum_scalars
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import parallelize
 from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
 from keye_train.distributed.vision import (
-    CostFn,
+    RoutedVisuals,
     VisualRouter,
-    frame_pixels,
     reduce_visual_grads,
-    stage0_consumers,
-    visual_items,
+    route_replica_visuals,
 )
-from keye_train.train.step import batch_tensors
-
-
-def calibrated_visual_cost(path: str | None) -> CostFn | None:
-    """The router's per-item cost from `keye-data calibrate`'s coefficients (the planner's cost model);
-    None keeps the router's FLOP estimate for the model being trained."""
-    if not path:
-        return None
-    cost_model = CostModel.load(path)
-    return lambda item: cost_model.vit_cost([item.num_patches])
+from keye_train.train.optim import clip_grad_norm
+from keye_train.train.step import StepResult, batch_tensors, calibrated_visual_cost, strip_pixels
 
 
 class PipelineTrainStep:
+    """The step protocol (`train/step.py`) under pipeline parallelism."""
+
     def __init__(
         self, model: nn.Module, *, dims: ParallelDims, cfg: TrainConfig, device: torch.device
     ) -> None:
-        if cfg.data.microbatches % cfg.pipeline.microbatches:
+        data = cfg.data
+        if data.microbatches % cfg.pipeline.microbatches:
             raise ValueError(
-                f"data.microbatches={cfg.data.microbatches} packed rows per DP replica must be a multiple of "
+                f"data.microbatches={data.microbatches} packed rows per DP replica must be a multiple of "
                 f"pipeline.microbatches={cfg.pipeline.microbatches}"
             )
+        if data.eval_interval and data.eval_manifest and data.eval_batches % data.microbatches:
+            # The schedule's stages keep the training step's microbatch shape: evaluate in whole steps.
+            raise ValueError(
+                f"data.eval_batches={data.eval_batches} must be a multiple of data.microbatches="
+                f"{data.microbatches} under parallel.pp > 1 (evaluation runs the pipeline in training-step "
+                "groups of rows)"
+            )
+        self.rows_per_step = data.microbatches
         self.dims = dims
         self.device = device
         self.visual_modules = [model.visual, model.mlp_AR]
@@ -83,7 +81,10 @@ class PipelineTrainStep:
             virtual_stages=cfg.pipeline.virtual_stages,
             parallelize_stage=parallelize_stage,
         )
-        self.visual_report = None
+        # Checkpoint names stay the full model's (stages keep global layer keys): resumable in any layout.
+        self.checkpointed_model = self.checkpoint_view()
+        groups = {"vit": model.visual, "projector": model.mlp_AR, "llm": nn.ModuleList(self.stages)}
+        self.trained_groups = {k: v for k, v in groups.items() if k in cfg.stage.train}
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -105,24 +106,61 @@ class PipelineTrainStep:
         view.visual, view.mlp_AR = self.visual_modules
         return view
 
-    def __call__(self, rows: list[PackedBatch], *, global_count: Tensor, backward: bool = True) -> float:
+    @property
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.trained_groups.values() for p in m.parameters() if p.requires_grad]
+
+    def clip_grad_norm(self, max_norm: float | None) -> Tensor:
+        """Stage norms add up over pp; the replicated ViT and projector count once."""
+        shared = [p for m in self.visual_modules for p in m.parameters() if p.requires_grad]
+        shared_ids = {id(p) for p in shared}
+        params = [p for p in self.trained_parameters if id(p) not in shared_ids]
+        return clip_grad_norm(params, max_norm, pp_group=self.dims.submesh("pp"), pp_replicated_params=shared)
+
+    def local_flops(self, rows: list[PackedBatch], keye_cfg: object) -> float | None:
+        """This replica's rows' FLOPs (the trainer sums them over dp: once per replica)."""
+        from keye_train.distributed.accounting import packed_batch_flops
+
+        return sum(
+            packed_batch_flops(keye_cfg, cu_seqlens=b.cu_seqlens.tolist(), grid_thw=b.grid_thw.tolist())
+            for b in rows
+        )
+
+    def forward_backward(self, rows: list[PackedBatch], *, global_count: Tensor) -> StepResult:
+        loss, routed = self._run(rows, global_count=global_count, backward=True)
+        return StepResult(
+            loss=loss,
+            rank_load=float(sum(b.num_target_tokens for b in rows)),
+            vit_patches=routed.encoded_patches,
+            vit_patches_global=routed.global_patches,
+            vit_imbalance=routed.report.imbalance,
+        )
+
+    def evaluate(self, rows: list[PackedBatch], *, global_count: Tensor) -> float:
+        """The schedule's stages keep the training step's microbatch shape: evaluate in whole-step groups."""
+        per_step = self.rows_per_step
+        with torch.no_grad():
+            return sum(
+                self._run(rows[i : i + per_step], global_count=global_count, backward=False)[0]
+                for i in range(0, len(rows), per_step)
+            )
+
+    def _run(
+        self, rows: list[PackedBatch], *, global_count: Tensor, backward: bool
+    ) -> tuple[float, RoutedVisuals]:
         """rows: this DP replica's packed rows, with pixels at least on the stage-0 ranks (the others may
         hold empty pixel_values); returns the step's loss, already normalised by the global target count
         (the same value on every rank). backward=False evaluates (call it under torch.no_grad())."""
         if not self.pipeline.has_first_stage:  # pixels are read on stage 0 only: do not copy them here
-            rows = [replace(b, pixel_values=b.pixel_values[:0]) for b in rows]
+            rows = strip_pixels(rows)
         batch = stack_packed_rows([batch_tensors(b, self.device) for b in rows])
-        grids = self._replica_grids(batch["grid_thw"])
-        consumers = stage0_consumers(self.dims)
-        items, first_item = [], 0
-        for replica, grid in enumerate(grids):
-            if replica == self.dims.dp_rank:
-                first_item = len(items)
-            items += visual_items(grid, consumers=consumers[replica], grad_copies=self.dims.tp)
-        frames = (
-            frame_pixels(batch["pixel_values"], batch["grid_thw"]) if self.pipeline.has_first_stage else []
+        routed = route_replica_visuals(
+            self.router,
+            self.dims,
+            grid_thw=batch["grid_thw"],
+            pixel_values=batch["pixel_values"] if self.pipeline.has_first_stage else None,
         )
-        visual, self.visual_report = self.router(items, pixels=lambda i: frames[i - first_item])
+        visual = routed.embeds
         if self.dims.cp > 1:
             batch, visual = self._context_slice(batch, visual)
         loss = self.pipeline.step(
@@ -130,17 +168,7 @@ class PipelineTrainStep:
         )
         if backward:
             self._reduce_gradients()
-        return self._global_loss(loss)
-
-    def _replica_grids(self, grid_thw: Tensor) -> list[Tensor]:
-        """Every DP replica's grid_thw, in dp order: the router plans the whole global batch's visual
-        items on every rank, while each rank holds only its own replica's rows."""
-        if self.dims.dp == 1:
-            return [grid_thw]
-        gathered: list = [None] * self.dims.world_size
-        dist.all_gather_object(gathered, (self.dims.dp_rank, grid_thw.tolist()))
-        by_replica = dict(gathered)
-        return [torch.tensor(by_replica[d], dtype=torch.long).reshape(-1, 3) for d in range(self.dims.dp)]
+        return self._global_loss(loss), routed
 
     def _context_slice(self, batch: dict[str, Tensor], visual: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """This CP rank's slice of the replica's rows; on stage 0 also the visual rows it splices (the
@@ -164,8 +192,5 @@ class PipelineTrainStep:
 
     def _global_loss(self, loss: Tensor | None) -> float:
         """Last-stage ranks hold their replica's loss (TP peers the same value): sum once per replica."""
-        value = torch.zeros(1, dtype=torch.float64)
-        if loss is not None and self.dims.rank_coordinates["tp"] == 0:
-            value += float(loss)
-        dist.all_reduce(value)
-        return value.item()
+        value = float(loss) if loss is not None and self.dims.rank_coordinates["tp"] == 0 else 0.0
+        return sum_scalars(self.dims, [value], over="world")[0]

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from keye_train.checkpoint.manager import CheckpointManager, TrainState
 from keye_train.config.schema import TrainConfig
 from keye_train.data.batch import PackedBatch
+from keye_train.distributed.collectives import gather_scalars, max_scalars, rank_in, sum_scalars
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.train.build import (
     build_loader,
@@ -23,10 +23,10 @@ from keye_train.train.build import (
     keye_config,
 )
 from keye_train.train.metrics import MetricsLogger
-from keye_train.train.optim import build_optimizer, clip_grad_norm, grads_are_finite
+from keye_train.train.optim import build_optimizer, grads_are_finite
 from keye_train.train.schedule import build_scheduler
-from keye_train.train.stages import apply_stage, module_groups
-from keye_train.train.step import LanguageModelStep
+from keye_train.train.stages import apply_stage
+from keye_train.train.step import StepResult, TrainStep, build_train_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -48,7 +48,7 @@ class Trainer:
         self.dims = dims
         self.device = device
         self.resolved_yaml = resolved_yaml
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = rank_in(dims, over="world")
         self.stop_requested = False
         self.step = 0
         self.nonfinite_steps = 0
@@ -61,7 +61,7 @@ class Trainer:
         trained = self.build_model()
         self.optimizer = build_optimizer(trained, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
-        self.params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+        self.params = self.train_step_impl.trained_parameters
         self.stream = self.build_stream()
         self.metrics = MetricsLogger(
             cfg.logging,
@@ -72,7 +72,7 @@ class Trainer:
         )
         self.checkpoints = CheckpointManager(cfg.checkpoint, log=self._log)
         self.state = TrainState(
-            model=self.checkpointed_model,
+            model=self.train_step_impl.checkpointed_model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             dataloader=self.stream,
@@ -96,46 +96,15 @@ class Trainer:
                 f"context_parallel.cp_impl={cfg.context_parallel.cp_impl!r}: the trainer drives Ulysses CP "
                 "only; ring attention exists in distributed/context_parallel.py, not yet wired into training"
             )
-        self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
+        self.model, tower = build_weights(cfg, self.keye_cfg, device=self.device)
         # Freeze before sharding: every FSDP unit must be all-trainable or all-frozen.
-        apply_stage(self.model, None, cfg.stage)
+        apply_stage(self.model, tower, cfg.stage)
         self.keye_cfg = self.model.cfg  # a RoPE reset is recorded in the model's config
-        if self.dims.pp > 1:
-            return self._build_pipeline()
-        if self.dims.world_size > 1:
-            from keye_train.distributed.parallelize import parallelize
-
-            parallelize(self.model, dims=self.dims, cfg=cfg.parallelize, cp_impl=cfg.context_parallel.cp_impl)
-        self.checkpointed_model = self.model
-        self.lm_step = LanguageModelStep(
-            model=self.model, dims=self.dims, loss_parallel=cfg.parallelize.loss_parallel, device=self.device
+        # The one step protocol: the plain, pipeline or SigLIP step (chosen by build_train_step).
+        self.train_step_impl: TrainStep = build_train_step(
+            self.model, tower=tower, cfg=cfg, dims=self.dims, device=self.device
         )
-        return {k: v for k, v in module_groups(self.model, None).items() if k in cfg.stage.train}
-
-    def _build_pipeline(self) -> dict[str, torch.nn.Module]:
-        from keye_train.train.pipeline_step import PipelineTrainStep
-
-        data = self.cfg.data
-        if data.eval_interval and data.eval_manifest and data.eval_batches % data.microbatches:
-            # The schedule's stages keep the training step's microbatch shape: evaluate in whole steps.
-            raise ValueError(
-                f"data.eval_batches={data.eval_batches} must be a multiple of data.microbatches="
-                f"{data.microbatches} under parallel.pp > 1 (evaluation runs the pipeline in training-step "
-                "groups of rows)"
-            )
-
-        self.pp_step = PipelineTrainStep(self.model, dims=self.dims, cfg=self.cfg, device=self.device)
-        stages = self.pp_step.stages
-        # Checkpoint names stay the full model's (stages keep global layer keys): resumable in any layout.
-        self.checkpointed_model = self.pp_step.checkpoint_view()
-        replicated = (self.model.visual, self.model.mlp_AR)
-        self.pp_replicated = [p for m in replicated for p in m.parameters() if p.requires_grad]
-        groups = {
-            "vit": self.model.visual,
-            "projector": self.model.mlp_AR,
-            "llm": torch.nn.ModuleList(stages),
-        }
-        return {k: v for k, v in groups.items() if k in self.cfg.stage.train}
+        return self.train_step_impl.trained_groups
 
     def build_stream(self):
         """The run's loader: planned from the shard indexes, built when missing (data/loader/planned.py)."""
@@ -186,10 +155,7 @@ class Trainer:
         self.stop_requested = True  # acted on at the end of the step, after every rank agrees
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(max_scalars(self.dims, [float(self.stop_requested)], over="world")[0])
 
     def save_checkpoint(self) -> None:
         self._sync_counters()
@@ -202,70 +168,62 @@ class Trainer:
 
     def _step_input(self, step) -> StepInput:
         mine = step.microbatches
-        totals = torch.tensor(
+        # TP/CP/PP peers of a replica hold the same rows: sum over replicas only.
+        totals = sum_scalars(
+            self.dims,
             [sum(b.num_target_tokens for b in mine), sum(b.input_ids.numel() for b in mine)],
-            dtype=torch.float64,
+            over="dp",
         )
-        if self.dims.dp > 1:  # TP/CP/PP peers of a replica hold the same rows: sum over replicas only
-            dist.all_reduce(totals, group=self.dims.submesh("dp").get_group())
         report = {f"plan_{k}": float(v) for k, v in step.report.items() if isinstance(v, (int, float))}
-        return StepInput(step.global_keys, mine, totals[0].item(), int(totals[1]), report=report)
+        return StepInput(step.global_keys, mine, totals[0], int(totals[1]), report=report)
 
     def train_step(self) -> None:
         started = time.perf_counter()
         step = self.next_step_input()
         global_count = torch.tensor(max(1.0, step.global_count))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(step, global_count=global_count)
-        extra = dict(step.report)
-        if self.dims.pp > 1 and self.pp_step.visual_report is not None:
-            # How the heterogeneous ViT spread this step's images and frames over the world.
-            spread = self.pp_step.visual_report
-            extra.update(
-                vit_imbalance=spread.imbalance,
-                vit_patches_max=max(spread.patches_per_rank),
-                vit_patches_min=min(spread.patches_per_rank),
-            )
+        result = self.train_step_impl.forward_backward(step.mine, global_count=global_count)
         self._finish_step(
-            loss=loss,
+            result=result,
             tokens=step.tokens,
             keys=step.keys,
             started=started,
-            rank_load=float(sum(b.num_target_tokens for b in step.mine)),
-            extra=extra,
+            extra=dict(step.report),
             flops=self._step_flops(step.mine),
         )
 
-    def _step_flops(self, mine: list[PackedBatch]) -> float | None:
+    def _step_flops(self, mine: list) -> float | None:
         """Model FLOPs of the global batch (keye-estimate's convention) when MFU is asked for."""
         if self.cfg.peak_tflops is None:
             return None
-        from keye_train.distributed.accounting import packed_batch_flops
-
-        local = sum(
-            packed_batch_flops(self.keye_cfg, cu_seqlens=b.cu_seqlens.tolist(), grid_thw=b.grid_thw.tolist())
-            for b in mine
-        )
-        total = torch.tensor(local, dtype=torch.float64)
-        if self.dims.dp > 1:  # peers inside a replica hold the same rows: sum over replicas only
-            dist.all_reduce(total, group=self.dims.submesh("dp").get_group())
-        return total.item()
+        local = self.train_step_impl.local_flops(mine, self.keye_cfg)
+        if local is None:
+            return None
+        # Peers inside a replica hold the same rows: sum over replicas only.
+        return sum_scalars(self.dims, [local], over="dp")[0]
 
     def _finish_step(
         self,
         *,
-        loss: float,
+        result: StepResult,
         tokens: int,
         keys: list[str],
         started: float,
-        rank_load: float,
         extra: dict[str, float] | None = None,
         flops: float | None = None,
     ) -> None:
         """The optimizer update of a step whose gradients are in place, then its metrics record."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        loss = result.loss
         grad_norm = self._update(loss)
         step_time = time.perf_counter() - started
+        extra = dict(extra or {})
+        per_rank = {}
+        if result.vit_patches_global:
+            # How the heterogeneous ViT spread this step's images and frames: each is encoded once in the
+            # world, so the per-rank counts add up to the global batch's patches.
+            extra.update(vit_patches_global=result.vit_patches_global, vit_imbalance=result.vit_imbalance)
+            per_rank["vit_patches"] = self._gather(result.vit_patches)
         self.metrics.log_step(
             self.step,
             loss=loss,
@@ -277,8 +235,9 @@ class Trainer:
             sample_keys=keys,
             skipped_samples=sum(self.stream.counter.skipped.values()),
             rank_step_times_s=self._gather(step_time),
-            rank_tokens=self._gather(rank_load),
+            rank_tokens=self._gather(result.rank_load),
             extra=extra,
+            per_rank=per_rank,
             flops_per_step=flops,
             peak_flops=None if flops is None else self.cfg.peak_tflops * 1e12 * self.dims.world_size,
         )
@@ -286,36 +245,7 @@ class Trainer:
 
     def _gather(self, value: float) -> list[float]:
         """One number from every rank (per-rank imbalance in the metrics)."""
-        if self.dims.world_size == 1:
-            return [value]
-        out = [torch.zeros(1) for _ in range(self.dims.world_size)]
-        dist.all_gather(out, torch.tensor([value]))
-        return [t.item() for t in out]
-
-    def _forward_backward(self, step: StepInput, *, global_count: torch.Tensor) -> float:
-        """Gradients of the step's globally normalised loss; returns the loss (the same on every rank)."""
-        if self.dims.pp > 1:
-            return self.pp_step(step.mine, global_count=global_count)
-        loss_sum = 0.0
-        for index, batch in enumerate(step.mine):
-            self._prepare_microbatch(is_last=index == len(step.mine) - 1)
-            loss_sum += self.lm_step(batch, global_count=global_count)[0]
-        return self._global_loss(loss_sum) / global_count.item()
-
-    def _prepare_microbatch(self, *, is_last: bool) -> None:
-        from torch.distributed.fsdp import FSDPModule
-
-        if isinstance(self.model, FSDPModule):
-            from keye_train.distributed.fsdp import set_microbatch
-
-            set_microbatch(self.model, is_last=is_last)
-
-    def _global_loss(self, local_sum: float) -> float:
-        """Sum of the loss sums of every rank that saw different tokens (TP peers hold the same value)."""
-        total = torch.tensor(local_sum, dtype=torch.float64)
-        if self.dims.world_size > 1:
-            dist.all_reduce(total, group=self.dims.submesh("dp_cp").get_group())
-        return total.item()
+        return gather_scalars(self.dims, value, over="world")
 
     def _update(self, loss: float) -> float | None:
         """Clip, then step unless the loss or a gradient is not finite (skipped and counted)."""
@@ -332,12 +262,7 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        params, pipeline = self.params, {}
-        if self.dims.pp > 1:  # stage norms add up over pp; the replicated ViT and projector count once
-            shared = {id(p) for p in self.pp_replicated}
-            params = [p for p in self.params if id(p) not in shared]
-            pipeline = {"pp_group": self.dims.submesh("pp"), "pp_replicated_params": self.pp_replicated}
-        norm = clip_grad_norm(params, self.cfg.optim.grad_clip, **pipeline)  # None: measure only
+        norm = self.train_step_impl.clip_grad_norm(self.cfg.optim.grad_clip)  # None: measure only
         self.optimizer.step()
         self.scheduler.step()
         return float(norm)
@@ -348,14 +273,7 @@ class Trainer:
         if not data.eval_manifest or not data.eval_interval or self.step % data.eval_interval:
             return
         mine, count = self._eval_set()
-        with torch.no_grad():
-            if self.dims.pp > 1:
-                per_step = data.microbatches
-                groups = [mine[i : i + per_step] for i in range(0, len(mine), per_step)]
-                eval_loss = sum(self.pp_step(rows, global_count=count, backward=False) for rows in groups)
-            else:
-                local = sum(self.lm_step(b, global_count=count, backward=False)[0] for b in mine)
-                eval_loss = self._global_loss(local) / count.item()
+        eval_loss = self.train_step_impl.evaluate(mine, global_count=count)
         sequences = self.dims.dp * data.eval_batches
         self._log(f"step {self.step}: eval loss {eval_loss:.4f} over {sequences} held-out sequences")
         if self.rank == 0:
