@@ -119,3 +119,14 @@ def all_reduce_group_(tensor: Tensor, *, group: dist.ProcessGroup | None, op: st
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def broadcast_object_from_rank0(obj: object) -> object:
+    """Rank 0's object on every rank of the default group (before a ParallelDims exists, e.g. the
+    preflight verdict); under `cpu:gloo,cuda:nccl` object collectives take the gloo path. The identity
+    without a process group."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -207,17 +207,16 @@ def run_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = print) ->
 
 def broadcast_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = print) -> None:
     """run_preflight on rank 0; its PreflightError raised on every rank (none waits for a failed rank 0)."""
-    import torch.distributed as dist
+    from keye_train.distributed.collectives import broadcast_object_from_rank0
 
-    error: list[str | None] = [None]
+    error: str | None = None
     try:
         run_preflight(cfg, rank=rank, log=log)
     except PreflightError as err:
-        error = [str(err)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise PreflightError(error[0])
+        error = str(err)
+    error = broadcast_object_from_rank0(error)
+    if error is not None:
+        raise PreflightError(error)
 
 
 __all__ = [
