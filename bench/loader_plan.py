@@ -78,8 +78,9 @@ class _Entry:
 
 def bench_step_planner(ranks: int, samples_per_step: int, steps: int) -> dict:
     """StepPlanner.next_step over a GlobalOrder of 5 sources (an in-memory index, no files)."""
-    from keye_train.data.plan.order import GlobalOrder, _SourceTable
+    from keye_train.data.plan.order import GlobalOrder
     from keye_train.data.plan.steps import StepPlanner
+    from keye_train.data.plan.tables import _SourceTable
     from keye_train.data.shards.manifest import DataConfig, SourceConfig
 
     total = samples_per_step * (steps + 2)

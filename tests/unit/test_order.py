@@ -141,7 +141,7 @@ def test_vectorised_take_draws_exactly_what_next_draws(by_tokens):
     with unusable samples (index errors, too long) in the stream and across epoch boundaries."""
     import numpy as np
 
-    from keye_train.data.plan.order import _SourceTable
+    from keye_train.data.plan.tables import _SourceTable
     from keye_train.data.shards.manifest import DataConfig, SourceConfig
 
     class Entry:
