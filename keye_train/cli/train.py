@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from keye_train.config.loader import available_recipes, compose_config, save_resolved, split_recipe_arg
 from keye_train.distributed.parallel_dims import ParallelDims, init_distributed, shutdown_distributed
+from keye_train.distributed.precision import configure_matmul
 from keye_train.train.build import resolve_device
 
 USAGE = """usage: keye-train recipe=NAME [key=value ...]
@@ -40,16 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(device_type=device.type)
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-    p = cfg.parallel
-    dims = ParallelDims(
-        world_size=world_size,
-        pp=p.pp,
-        dp_replicate=p.dp_replicate,
-        dp_shard=p.dp_shard,
-        cp=p.cp,
-        tp=p.tp,
-        device_type=device.type,
-    )
+    dims = ParallelDims.from_config(cfg.parallel, world_size=world_size, device_type=device.type)
+    configure_matmul(device.type)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(cfg.seed)
     from omegaconf import OmegaConf

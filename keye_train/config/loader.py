@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from keye_train.config.schema import TrainConfig
 
@@ -53,6 +53,12 @@ def compose_config(recipe: str, overrides: list[str]) -> tuple[DictConfig, Train
         typed = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         message = str(exc).split("\n")[0]
+        cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+        key = getattr(cause, "full_key", None)
+        if key and isinstance(cause, ValidationError):
+            # A value of the wrong type: OmegaConf's first line names value and type, the key comes after.
+            detail = str(cause).split("\n")[0]
+            message = f"{key}: {detail} (the schema's {key} expects that type; fix the value)"
         if message.startswith("Could not override"):
             message += " It is not a key of the schema (keye_train/config/schema.py); check its spelling."
         raise ValueError(f"recipe {recipe!r}: {message}") from None

@@ -97,6 +97,7 @@ def build_weights(
     directory. Optimizer and schedule always start fresh in a new stage.
     """
     model = build_model(keye_cfg, device=device, seed=cfg.model.init_seed)
+    model.lm_head.chunk_tokens = cfg.loss.chunk_tokens
     tower = None
     if cfg.stage.loss == "siglip":
         with torch.random.fork_rng(devices=[]):

@@ -92,8 +92,11 @@ class MetricsLogger:
         rank: int = 0,
         total_steps: int | None = None,
         run_config: dict[str, Any] | None = None,
+        first_record: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Run facts (e.g. precision) written into the first record this process logs (also after a resume).
+        self._first_record = dict(first_record or {})
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.total_steps = total_steps
@@ -252,6 +255,8 @@ class MetricsLogger:
         }
         for key, value in (extra or {}).items():
             record[key] = _num(value)
+        record.update(self._first_record)
+        self._first_record = {}
         if self.is_writer:
             self._write(record)
         return record

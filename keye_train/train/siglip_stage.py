@@ -11,6 +11,8 @@ from keye_train.checkpoint.dcp import combine_modules
 from keye_train.data.loader.pairs import PairBatch, PairStream
 from keye_train.data.shards.manifest import load_manifest
 from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
+from keye_train.distributed.parallelize import apply_local
+from keye_train.distributed.precision import autocast
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
 from keye_train.train.build import build_weights
 from keye_train.train.stages import apply_stage
@@ -25,6 +27,9 @@ class SiglipTrainer(Trainer):
     def build_model(self) -> dict[str, torch.nn.Module]:
         self.model, self.tower = build_weights(self.cfg, self.keye_cfg, device=self.device)
         trained = apply_stage(self.model, self.tower, self.cfg.stage)
+        # No FSDP here (towers replicated): the ViT's AC and compile like every layout; precision is
+        # autocast around the pair loss (train_step).
+        apply_local(self.model, cfg=self.cfg.parallel, precision=self.cfg.precision, towers=("vision",))
         # One checkpointed model: the Keye weights (frozen LLM included, for the next stage) and the tower
         # under its Hugging Face names, which export writes to siglip_text/.
         self.checkpointed_model = combine_modules(self.model, self.tower)
@@ -45,7 +50,8 @@ class SiglipTrainer(Trainer):
         batches = [self.stream.next_batch() for _ in range(world)]
         mine = batches[self.rank]
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._pair_loss(mine)  # this rank's share of the global batch's loss
+        with autocast(self.cfg.precision, self.device.type):
+            loss = self._pair_loss(mine)  # this rank's share of the global batch's loss
         loss.backward()
         if world > 1:
             from keye_train.distributed.vision import reduce_visual_grads

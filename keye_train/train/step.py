@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from keye_train.data.batch import PackedBatch
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.train.loss import token_cross_entropy
 
 
 def batch_tensors(batch: PackedBatch, device: torch.device) -> dict[str, Tensor]:
@@ -60,14 +59,15 @@ class LanguageModelStep:
 
             route_context = route_visual_to_slice(self.model, visual_index)
         with self._loss_context(), route_context as route:
-            logits = self.model(
+            # With labels the model returns the chunked loss (no [tokens x vocab] logits; lm_head.py).
+            loss_sum, count = self.model(
                 inputs["input_ids"],
                 position_ids=inputs["position_ids"],
                 cu_seqlens=inputs["cu_seqlens"],
                 pixel_values=inputs["pixel_values"],
                 grid_thw=inputs["grid_thw"],
+                labels=inputs["labels"],
             )
-            loss_sum, count = self._cross_entropy(logits, inputs["labels"])
             loss = loss_sum / global_count
             if route is not None:
                 loss = loss + route.zero_anchor()
@@ -96,10 +96,3 @@ class LanguageModelStep:
 
             return loss_parallel_context(True)
         return contextlib.nullcontext()
-
-    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.dims.tp > 1 and self.loss_parallel:
-            from keye_train.distributed.tensor_parallel import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(logits, labels)
-        return token_cross_entropy(logits, labels)

@@ -70,6 +70,7 @@ class Trainer:
             rank=self.rank,
             total_steps=cfg.steps,
             run_config={"recipe": self.resolved_yaml},
+            first_record={"precision": cfg.precision},
         )
         self.checkpoints = CheckpointManager(cfg.checkpoint, log=self._log)
         self.state = TrainState(
@@ -92,9 +93,9 @@ class Trainer:
         self.dims.validate_for_model(
             num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads
         )
-        if self.dims.cp > 1 and cfg.context_parallel.cp_impl != "ulysses":
+        if self.dims.cp > 1 and cfg.parallel.context.cp_impl != "ulysses":
             raise ValueError(
-                f"context_parallel.cp_impl={cfg.context_parallel.cp_impl!r}: the trainer drives Ulysses CP "
+                f"parallel.context.cp_impl={cfg.parallel.context.cp_impl!r}: the trainer drives Ulysses CP "
                 "only; ring attention exists in distributed/context_parallel.py, not yet wired into training"
             )
         self.model, _ = build_weights(cfg, self.keye_cfg, device=self.device)
@@ -103,13 +104,15 @@ class Trainer:
         self.keye_cfg = self.model.cfg  # a RoPE reset is recorded in the model's config
         if self.dims.pp > 1:
             return self._build_pipeline()
-        if self.dims.world_size > 1:
-            from keye_train.distributed.parallelize import parallelize
+        from keye_train.distributed.parallelize import parallelize
 
-            parallelize(self.model, dims=self.dims, cfg=cfg.parallelize, cp_impl=cfg.context_parallel.cp_impl)
+        parallelize(self.model, dims=self.dims, cfg=cfg.parallel, precision=cfg.precision)
         self.checkpointed_model = self.model
         self.lm_step = LanguageModelStep(
-            model=self.model, dims=self.dims, loss_parallel=cfg.parallelize.loss_parallel, device=self.device
+            model=self.model,
+            dims=self.dims,
+            loss_parallel=cfg.parallel.tensor.loss_parallel,
+            device=self.device,
         )
         return {k: v for k, v in module_groups(self.model, None).items() if k in cfg.stage.train}
 
