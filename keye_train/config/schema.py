@@ -34,7 +34,7 @@ def _require(condition: bool, message: str) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # keye_8b | tiny
-    attn_backend: str = "sdpa"  # sdpa | flash | flex (LLM and ViT)
+    attn_backend: str = "auto"  # auto | sdpa | varlen | flex | flash (LLM and ViT; models/attention.py)
     init_seed: int = 0  # initialisation of weights that init_from does not provide
 
     def __post_init__(self) -> None:
