@@ -1,6 +1,6 @@
 """keye-estimate's memory prediction against the measured peak of a training step on CPU.
 
-For the tiny and a small (~30M) model, in fp32 and bf16, one process runs two AdamW steps of one packed
+For the tiny and a small (~58M) model, in fp32 and bf16, one process runs two AdamW steps of one packed
 row through the trainer's own pieces (parallelize at world = 1, the chunked loss) and reports its peak
 RSS; a bare process (torch and keye_train imported, the batch built, no model) gives the runtime's fixed
 overhead, which the estimate counts explicitly (accounting.RUNTIME_OVERHEAD). Each run is its own
@@ -30,7 +30,8 @@ SEQ = {"tiny": 256, "small": 1024}
 
 
 def small() -> KeyeConfig:
-    """~30M parameters: a 6-layer 512-wide decoder over a 32K vocabulary and a 4-layer 256-wide ViT."""
+    """~58M parameters: a 6-layer 512-wide decoder over a 32K vocabulary (33M of it embeddings and head) and
+    a 4-layer 256-wide ViT."""
     vision = VisionConfig(
         hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, num_packing_positions=64
     )

@@ -21,6 +21,7 @@ cannot rot). Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -40,7 +41,7 @@ from keye_train.distributed.activation_checkpoint import ActivationCheckpointCon
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.distributed.precision import configure_matmul
-from keye_train.models.attention import packed_attention
+from keye_train.models.attention import auto_backend, packed_attention
 from keye_train.models.configs import KeyeConfig, LanguageConfig, ProjectorConfig, VisionConfig, tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.packed_row import packed_row
@@ -129,6 +130,12 @@ def train_variant(
 ) -> dict:
     """bf16 steps of the model at world = 1 through the trainer's parallelize(), chunked loss and AdamW."""
     torch._dynamo.reset()
+    # The default kernel choice of a run (model.attn_backend=auto): torch varlen / compiled flex on CUDA.
+    cfg = dataclasses.replace(
+        cfg,
+        vision=dataclasses.replace(cfg.vision, attn_backend="auto"),
+        language=dataclasses.replace(cfg.language, attn_backend="auto"),
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,6 +187,7 @@ def train_variant(
     return {
         "compile": compile,
         "ac": ac,
+        "attn_backend": auto_backend(device, torch.bfloat16),
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "model_flops_per_step": flops,
