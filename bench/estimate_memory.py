@@ -67,6 +67,20 @@ def _batch(name: str):
     return packed_row(MODELS[name](), seq_len=SEQ[name], image_hw=(16, 16), video_thw=(2, 8, 8))
 
 
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes. VmHWM belongs to the process's own address space; on
+    Linux ru_maxrss is carried over from the parent across fork + exec, so a spawned child of a large
+    process (a pytest run late in the suite) would report the parent's peak instead of its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _run(name: str, mode: str, queue) -> None:
     """mode fp32 | bf16: two training steps of model `name`; runtime: the same imports and batch plus one
     step of a 2-layer MLP in each precision (autograd engine, optimizer and the bf16 kernels loaded), no
@@ -103,7 +117,7 @@ def _run(name: str, mode: str, queue) -> None:
             (loss_sum / count).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put(_peak_rss())
 
 
 def measure(name: str, precision: str) -> float:
