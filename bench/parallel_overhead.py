@@ -24,9 +24,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from keye_train.distributed.fsdp import set_microbatch
+from keye_train.distributed.fsdp import FSDPConfig, set_microbatch
 from keye_train.distributed.parallel_dims import ParallelDims, shutdown_distributed
-from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.models.configs import KeyeConfig, ProjectorConfig, tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.toy_batch import toy_packed_batch
@@ -119,7 +119,10 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
     if layout.startswith("dp2"):
         dims = ParallelDims(world_size=world)
         parallelize(
-            model, dims=dims, cfg=ParallelizeConfig(zero_stage=int(layout[-1]), mixed_precision=False)
+            model,
+            dims=dims,
+            cfg=ParallelConfig(fsdp=FSDPConfig(zero_stage=int(layout[-1]))),
+            precision="fp32",
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         group = dims.submesh("dp_cp").get_group()
@@ -134,7 +137,7 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
         from keye_train.distributed.tensor_parallel import loss_parallel_context, vocab_parallel_cross_entropy
 
         dims = ParallelDims(world_size=world, tp=world)
-        parallelize(model, dims=dims, cfg=ParallelizeConfig(mixed_precision=False))
+        parallelize(model, dims=dims, cfg=ParallelConfig(), precision="fp32")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         batch = batches[0]
 
@@ -157,7 +160,7 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
         from keye_train.distributed.context_parallel import route_visual_to_slice, split_for_context_parallel
 
         dims = ParallelDims(world_size=world, cp=world)
-        parallelize(model, dims=dims, cfg=ParallelizeConfig(mixed_precision=False))
+        parallelize(model, dims=dims, cfg=ParallelConfig(), precision="fp32")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         part = split_for_context_parallel(
             batches[0], cp_rank=rank, cp_size=world, visual_token_ids=model.visual_token_ids

@@ -19,7 +19,11 @@ from keye_train.distributed.accounting import (
     param_counts,
     step_tokens,
 )
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.pipeline import PipelineConfig
+from keye_train.distributed.precision import PRECISIONS
 from keye_train.models.configs import PRESETS, KeyeConfig, preset
+from keye_train.models.lm_head import DEFAULT_CHUNK_TOKENS
 
 CONVENTION = """FLOP convention: 6 x matmul weights per token passed (2 fwd + 4 bwd) -- ViT weights per patch,
 projector per merged token, LLM layers + lm_head per text token (lookups, norms, biases excluded) -- plus
@@ -35,9 +39,28 @@ PRESET_LAYOUTS = {
 }
 
 
+def check_layout(cfg: KeyeConfig, layout: Layout) -> None:
+    """The trainer's own checks of a layout against the model (ParallelDims, the pipeline config): an
+    estimate for a layout the trainer would refuse is refused with the same message."""
+    lm = cfg.language
+    dims = ParallelDims(world_size=layout.world, pp=layout.pp, dp_shard=layout.dp, cp=layout.cp, tp=layout.tp)
+    dims.validate_for_model(num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads)
+    if layout.pp > 1:
+        PipelineConfig(microbatches=layout.microbatches).validate(pp=layout.pp, num_layers=lm.num_layers)
+
+
 def report(name: str, cfg: KeyeConfig, workload: Workload, layout: Layout, args: argparse.Namespace) -> str:
     flops = flops_per_step(cfg, workload, layout)
-    mem = memory_per_rank(cfg, workload, layout)
+    overhead = None if args.runtime_overhead_gib is None else args.runtime_overhead_gib * GIB
+    mem = memory_per_rank(
+        cfg,
+        workload,
+        layout,
+        precision=args.precision,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        device=args.device,
+        runtime_overhead=overhead,
+    )
     work = step_tokens(cfg, workload, layout)
     peak = args.peak_tflops * 1e12
     ideal_s = flops["total"] / (layout.world * peak)
@@ -56,7 +79,7 @@ def report(name: str, cfg: KeyeConfig, workload: Workload, layout: Layout, args:
             flops=flops["total"], step_time_s=args.step_time, world=layout.world, peak_flops_per_gpu=peak
         )
         lines.append(f"   MFU at a measured step time of {args.step_time:g} s: {100 * value:.1f}%")
-    lines.append("   memory per rank (GiB, most loaded stage):")
+    lines.append(f"   memory per rank (GiB, most loaded stage; {args.precision}, {args.device}):")
     lines += [f"     {k:<22} {v / GIB:8.2f}" for k, v in mem.items()]
     return "\n".join(lines)
 
@@ -74,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{key}", type=int)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM)")
     parser.add_argument("--step-time", type=float, help="measured seconds per step, to print MFU")
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="runtime overhead, kernels")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
+    parser.add_argument(
+        "--runtime-overhead-gib", type=float, help="fixed memory of the runtime (default: accounting.py's)"
+    )
     args = parser.parse_args(argv)
 
     cfg = preset(args.model)
@@ -91,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         layout = Layout(**{k: getattr(args, k) or getattr(base, k) for k in keys if k != "seq"})
         layouts = [("custom", (Workload(seq_len=args.seq or base_work.seq_len), layout))]
     for name, (work, layout) in layouts:
+        try:
+            check_layout(cfg, layout)
+        except ValueError as exc:
+            raise SystemExit(f"keye-estimate: error: {exc}") from None
         work = Workload(
             seq_len=work.seq_len,
             doc_len=args.doc_len,

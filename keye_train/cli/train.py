@@ -18,6 +18,7 @@ from keye_train.distributed.parallel_dims import (
     shutdown_distributed,
     world_size_from_env,
 )
+from keye_train.distributed.precision import configure_matmul
 from keye_train.train.build import resolve_device
 from keye_train.train.preflight import broadcast_preflight
 from keye_train.train.summary import print_run_summary
@@ -59,16 +60,8 @@ def _run(recipe: str, resolved, cfg) -> int:
         init_distributed(device_type=device.type)
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-    p = cfg.parallel
-    dims = ParallelDims(
-        world_size=world_size,
-        pp=p.pp,
-        dp_replicate=p.dp_replicate,
-        dp_shard=p.dp_shard,
-        cp=p.cp,
-        tp=p.tp,
-        device_type=device.type,
-    )
+    dims = ParallelDims.from_config(cfg.parallel, world_size=world_size, device_type=device.type)
+    configure_matmul(device.type)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(cfg.seed)
     from omegaconf import OmegaConf

@@ -1,8 +1,7 @@
 """The root training config: one section per component, each the component's own typed config.
 
-Only sections that no single component owns are defined here (model choice, parallel degrees, data
-sources); everything else is the component's dataclass, so a recipe key and the code that validates it
-can never drift apart.
+Only sections that no single component owns are defined here (model choice, data sources); everything
+else is the component's dataclass, so a recipe key and the code that validates it can never drift apart.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ from keye_train.data.ioserver.config import IOServerConfig
 from keye_train.data.loader.packing import OVERLONG_POLICIES
 from keye_train.data.media.image import ImageConfig
 from keye_train.data.media.video import VideoConfig
-from keye_train.distributed.context_parallel import ContextParallelConfig
-from keye_train.distributed.parallelize import ParallelizeConfig
-from keye_train.distributed.pipeline import PipelineConfig
+from keye_train.distributed.parallelize import ParallelConfig
+from keye_train.distributed.precision import check_precision
 from keye_train.models.configs import ATTENTION_BACKENDS, PRESETS, KeyeConfig, preset
+from keye_train.train.loss import LossConfig
 from keye_train.train.metrics import LoggingConfig
 from keye_train.train.optim import OptimConfig
 from keye_train.train.schedule import ScheduleConfig
@@ -44,7 +43,7 @@ class ModelConfig:
     # LLM RoPE base the recipe expects; null: the checkpoint's (or the preset's). A stage's own reset is
     # stage.rope_theta (stage 3: 8e6).
     rope_theta: float | None = None
-    attn_backend: str = "sdpa"  # sdpa | flash | flex (LLM and ViT)
+    attn_backend: str = "auto"  # auto | sdpa | varlen | flex | flash (LLM and ViT; models/attention.py)
     init_seed: int = 0  # initialisation of weights that init_from does not provide
 
     def __post_init__(self) -> None:
@@ -73,23 +72,6 @@ class ModelConfig:
         # Stage 0 feeds the text tower with the same tokenizer (the tiny preset's tower is smaller).
         tower = dataclasses.replace(cfg.text_tower, vocab_size=max(vocab_size, cfg.text_tower.vocab_size))
         return dataclasses.replace(cfg, language=language, vision=vision, text_tower=tower, **token_ids)
-
-
-@dataclass
-class ParallelConfig:
-    """Degrees of parallelism (ParallelDims validates them against the world size and the model)."""
-
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = -1  # -1: whatever the other degrees leave of the world
-    cp: int = 1
-    tp: int = 1
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
-
-    def __post_init__(self) -> None:
-        _require(
-            self.device in ("auto", "cpu", "cuda"), f"parallel.device={self.device!r} must be auto|cpu|cuda"
-        )
 
 
 # One loader: planned from the shard indexes. "stream" (every rank decoding the whole mixture) is retired.
@@ -156,11 +138,13 @@ class TrainConfig:
     fresh_run: bool = False
     max_nonfinite_steps: int = 5  # skipped steps (non-finite loss or gradient) before the run stops
     peak_tflops: float | None = None  # peak TFLOP/s of one device (H100 bf16 dense: 989); enables MFU
+    # bf16: bf16 parameters in compute with fp32 master weights, optimizer state and gradient reductions,
+    # on every path (distributed/precision.py); fp32: everything fp32 (TF32 matmuls on CUDA either way).
+    precision: str = "bf16"
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Mesh degrees and every parallel technique's settings (distributed/parallelize.py: ParallelConfig).
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    parallelize: ParallelizeConfig = field(default_factory=ParallelizeConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stage: StageConfig = MISSING  # every recipe names its stage
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -169,6 +153,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         _require(self.steps >= 1, f"steps={self.steps} must be >= 1")
         _require(
             self.max_nonfinite_steps >= 0, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0"

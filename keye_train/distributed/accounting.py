@@ -12,9 +12,11 @@ FLOP convention (printed by `keye-estimate`):
   patch, s_frame = patches of its image or frame (bidirectional).
 - Activation-checkpoint recomputation is not model FLOPs (MFU convention), so it is not counted.
 
-Memory: bytes per rank of the most loaded pipeline stage, for FSDP2 with bf16 compute, fp32 sharded
-parameters, gradients and AdamW states (see distributed/fsdp.py for the ZeRO mapping), and the
-activations autograd keeps in this code base's layers (tensor lists in `_layer_activation_bytes`).
+Memory: bytes per rank of the most loaded pipeline stage: the runtime's fixed overhead (counted
+explicitly), fp32 parameters, gradients and AdamW states (sharded by FSDP2 when world > 1; see
+distributed/fsdp.py for the ZeRO mapping), the compute-dtype copies (FSDP's gathered units, or autocast's
+bf16 weights at world = 1), the activations autograd keeps in this code base's layers (tensor lists in
+`_layer_activation_bytes`) and one chunk of the loss.
 """
 
 from __future__ import annotations
@@ -190,24 +192,67 @@ def mfu(*, flops: float, step_time_s: float, world: int, peak_flops_per_gpu: flo
     return flops / (step_time_s * world * peak_flops_per_gpu)
 
 
-def _layer_activation_bytes(cfg: KeyeConfig) -> dict[str, float]:
-    """Bytes autograd keeps per token (patch, merged token) per layer, bf16 compute, fused SDPA/flash.
+# Memory of the runtime itself, before any model tensor: the interpreter with torch and keye_train imported
+# (CPU: peak RSS of a bare process, measured by bench/estimate_memory.py on the development machine), or
+# on CUDA the context plus the caching allocator's slack. Counted explicitly (`runtime_overhead`); pass
+# your machine's value with --runtime-overhead-gib.
+# CPU: 322 MiB measured (torch 2.13, Linux x86_64; fp32 and bf16 kernels loaded by one tiny step). CUDA:
+# an assumed 0.75 GiB (context ~0.5 GiB + allocator slack), not yet measured here.
+RUNTIME_OVERHEAD = {"cpu": 322 * 2**20, "cuda": 0.75 * GIB}
 
-    Decoder: each RMSNorm keeps its bf16 input, its fp32 upcast and its bf16 output (8D); q and k keep
-    pre-norm bf16, fp32 norm input, post-norm and post-RoPE copies (2+4+2+2 per element), v and the
-    attention output 2 each -> 12 * (Hq + Hkv) * hd; SwiGLU keeps gate, up, silu(gate), product (8I).
-    ViT: two LayerNorms (input + output, 8 d_v), q/k/v + roped q/k + attention output (12 d_v), fc1 and
-    GELU outputs (4 I_v). Projector: norm in/out, linear_1 and GELU outputs (8 M).
+
+def _layer_activation_bytes(
+    cfg: KeyeConfig, *, precision: str = "bf16", attention: str = "fused"
+) -> dict[str, float]:
+    """Bytes autograd keeps per token (patch, merged token) per layer.
+
+    c = bytes of the compute dtype (2 for bf16, 4 for fp32); f = 4 for the fp32 upcasts that bf16 adds
+    (RMSNorm's and RoPE's x.float(); in fp32 they are the same tensor, f = 0).
+    Decoder: each RMSNorm keeps its input, its upcast and its output ((2c + f) D each); q and k keep
+    pre-norm, upcast, post-norm and post-RoPE copies ((3c + f) per element), v and the attention output c
+    each -> (4c + f) (Hq + Hkv) hd; SwiGLU keeps gate, up, silu(gate), product (4c I).
+    ViT: two LayerNorms (input + output), q/k/v + roped q/k + attention output (10 c d_v), fc1 and GELU
+    outputs (2 c I_v). Projector: norm in/out, linear_1 and GELU outputs (4 c M).
+    attention="sdpa" (the reference backend, CPU default) also keeps the per-length gathered q/k/v copies
+    that it hands to SDPA (c (Hq + 2 Hkv) hd per decoder layer, 3 c d_v per ViT layer).
     """
     lm, v = cfg.language, cfg.vision
-    decoder = 2 * 8 * lm.hidden_size + 12 * (lm.num_heads + lm.num_kv_heads) * lm.head_dim
-    decoder += 8 * lm.intermediate_size
-    vit = 20 * v.hidden_size + 4 * v.intermediate_size
-    return {"decoder": decoder, "vit": vit, "projector": 8 * cfg.projector.merged_size}
+    c = 2 if precision == "bf16" else 4
+    f = 4 if precision == "bf16" else 0
+    heads = (lm.num_heads + lm.num_kv_heads) * lm.head_dim
+    decoder = 2 * (2 * c + f) * lm.hidden_size + (4 * c + f) * heads + 4 * c * lm.intermediate_size
+    vit = 10 * c * v.hidden_size + 2 * c * v.intermediate_size
+    if attention == "sdpa":
+        decoder += c * (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim
+        vit += 3 * c * v.hidden_size
+    return {"decoder": decoder, "vit": vit, "projector": 4 * c * cfg.projector.merged_size}
 
 
-def memory_per_rank(cfg: KeyeConfig, workload: Workload, layout: Layout) -> dict[str, float]:
-    """Estimated bytes on the most loaded rank; activations both without and with full checkpointing."""
+def _matmul_weights(cfg: KeyeConfig) -> float:
+    """Parameters that pass through a matmul (autocast keeps a bf16 copy of each for backward)."""
+    pc = param_counts(cfg)
+    return pc["total"] - pc["embed_tokens"] - cfg.vision.num_packing_positions * cfg.vision.hidden_size
+
+
+def memory_per_rank(
+    cfg: KeyeConfig,
+    workload: Workload,
+    layout: Layout,
+    *,
+    precision: str = "bf16",
+    loss_chunk_tokens: int = 1024,
+    device: str = "cuda",
+    runtime_overhead: float | None = None,
+) -> dict[str, float]:
+    """Estimated bytes on the most loaded rank; activations both without and with full checkpointing.
+
+    world > 1: FSDP2 (bf16 compute via MixedPrecisionPolicy when precision=bf16). world = 1: no FSDP,
+    fp32 parameters / gradients / AdamW states in full, and under bf16 autocast a bf16 copy of every
+    matmul weight saved for backward. The loss is the chunked one (models/lm_head.py): one chunk's
+    logits, log-softmax and gradient at a time (loss_chunk_tokens=0: the whole row's).
+    """
+    compute = 2 if precision == "bf16" else 4
+    attention = "sdpa" if device == "cpu" else "fused"
     pc = param_counts(cfg)
     lm = cfg.language
     layers_per_stage = math.ceil(lm.num_layers / layout.pp)
@@ -224,26 +269,38 @@ def memory_per_rank(cfg: KeyeConfig, workload: Workload, layout: Layout) -> dict
     # micro-batches for every stage, so ZeRO-2/3 cost like ZeRO-1 there.
     keeps_gathered = layout.zero <= 2 or layout.pp > 1
     keeps_full_grads = layout.zero == 1 or layout.pp > 1
+    if layout.world == 1:  # no FSDP: nothing is gathered; autocast's bf16 weight copies instead
+        gathered = 2 * _matmul_weights(cfg) if precision == "bf16" else 0.0
+        unsharded = 0.0
+    else:
+        gathered = compute * (llm_rank + visual) if keeps_gathered else 2 * compute * unit
+        unsharded = 4 * (llm_rank + visual) if keeps_full_grads else 2 * (compute + 4) * unit
     out = {
+        "runtime_overhead": RUNTIME_OVERHEAD[device] if runtime_overhead is None else runtime_overhead,
         "params_fp32_shard": 4 * sharded,
         "grads_fp32_shard": 4 * sharded,
         "adamw_fp32_shard": 8 * sharded,
-        "gathered_params_bf16": 2 * (llm_rank + visual) if keeps_gathered else 2 * 2 * unit,
-        "unsharded_grads": 4 * (llm_rank + visual) if keeps_full_grads else 2 * (2 + 4) * unit,
+        "gathered_params": gathered,
+        "unsharded_grads": unsharded,
     }
-    act = _layer_activation_bytes(cfg)
+    act = _layer_activation_bytes(cfg, precision=precision, attention=attention)
     tokens = workload.seq_len / layout.cp / layout.tp  # CP splits tokens, sequence parallel splits by tp
     in_flight = min(layout.pp, layout.microbatches) if layout.pp > 1 else 1  # 1F1B on the first stage
     work = step_tokens(cfg, workload, layout)
     patches = work.patches / layout.microbatches / layout.world  # the router spreads ViT work over all
     merged = work.visual_tokens / layout.microbatches / layout.world
     vit_full = cfg.vision.num_layers * act["vit"] * patches + act["projector"] * merged
-    vit_ckpt = cfg.vision.num_layers * 2 * cfg.vision.hidden_size * patches + act["vit"] * patches
+    vit_ckpt = cfg.vision.num_layers * compute * cfg.vision.hidden_size * patches + act["vit"] * patches
     vit_ckpt += act["projector"] * merged
     llm_full = in_flight * layers_per_stage * act["decoder"] * tokens
-    llm_ckpt = in_flight * layers_per_stage * 2 * lm.hidden_size * tokens + act["decoder"] * tokens
-    # Logits in bf16, their fp32 upcast for the loss and its fp32 gradient, on the last stage.
-    out["logits_and_loss"] = (2 + 4 + 4) * lm.vocab_size * workload.seq_len / layout.cp / layout.tp
+    llm_ckpt = in_flight * layers_per_stage * compute * lm.hidden_size * tokens + act["decoder"] * tokens
+    # The chunked loss on the last stage: one chunk's logits (compute dtype, then the fp32 upcast), the
+    # log-softmax cross entropy keeps and the fp32 gradient; vocab-sharded over tp. The pipeline's last
+    # stage still computes the loss on whole microbatch logits (distributed/pipeline.py).
+    rows = workload.seq_len / layout.cp
+    chunk = rows if layout.pp > 1 or loss_chunk_tokens <= 0 else min(loss_chunk_tokens, rows)
+    upcast = 4 if precision == "bf16" else 0
+    out["logits_and_loss"] = (compute + upcast + 4 + 4) * lm.vocab_size / layout.tp * chunk
     out["activations_no_ac"] = llm_full + vit_full
     out["activations_full_ac"] = llm_ckpt + vit_ckpt
     static = sum(v for k, v in out.items() if not k.startswith("activations"))

@@ -20,16 +20,17 @@ AC_MODES = ("none", "full", "selective")
 
 @dataclass
 class ActivationCheckpointConfig:
-    """mode: none | full (every block) | selective (every `every`-th block, counted per tower)."""
+    """`parallel.ac`. mode: none | full (every block) | selective (every `every`-th block, counted per
+    tower)."""
 
     mode: str = "none"
     every: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in AC_MODES:
-            raise ValueError(f"activation_checkpointing.mode={self.mode!r} must be one of {AC_MODES}")
+            raise ValueError(f"parallel.ac.mode={self.mode!r} must be one of {AC_MODES}")
         if self.every < 1:
-            raise ValueError(f"activation_checkpointing.every={self.every} must be >= 1")
+            raise ValueError(f"parallel.ac.every={self.every} must be >= 1")
 
 
 TOWERS = ("vision", "language")

@@ -43,13 +43,13 @@ CP_IMPLS = ("ulysses", "ring")
 
 @dataclass
 class ContextParallelConfig:
-    """Which context-parallel attention to use (the degree lives in ParallelDims.cp)."""
+    """`parallel.context`: which context-parallel attention to use (the degree is parallel.cp)."""
 
     cp_impl: str = "ulysses"
 
     def __post_init__(self) -> None:
         if self.cp_impl not in CP_IMPLS:
-            raise ValueError(f"parallel.cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
+            raise ValueError(f"parallel.context.cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
 
 
 def _init_deepspeed_comm() -> None:

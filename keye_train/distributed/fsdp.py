@@ -57,49 +57,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import (
-    CPUOffloadPolicy,
-    FSDPModule,
-    MixedPrecisionPolicy,
-    OffloadPolicy,
-    fully_shard,
-)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.precision import fsdp_policy
 
 ZERO_STAGES = (1, 2, 3)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
 class FSDPConfig:
-    """How the model is sharded over the data-parallel ranks."""
+    """`parallel.fsdp`: how the model is sharded over the data-parallel ranks. Precision is the run's
+    root `precision` (distributed/precision.py: bf16 compute, fp32 masters and gradient reduction)."""
 
     zero_stage: int = 3
-    mixed_precision: bool = True  # compute in param_dtype, reduce gradients in reduce_dtype
-    param_dtype: str = "bfloat16"
-    reduce_dtype: str = "float32"
     cpu_offload: bool = False  # sharded params, grads and optimizer states live in (pinned) host memory
-    visual_replicas: int = 1  # ranks computing identical visual gradients (see the module docstring)
+    # Ranks that back-propagate the same loss terms through the same visual item (see the module
+    # docstring). None = tp: every TP peer runs the ViT inside the model's forward and computes identical
+    # visual gradients. 1 under the heterogeneous ViT router (each item is encoded once in the world).
+    visual_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"fsdp.zero_stage={self.zero_stage} must be one of {ZERO_STAGES}")
-        for key in ("param_dtype", "reduce_dtype"):
-            if getattr(self, key) not in _DTYPES:
-                raise ValueError(f"fsdp.{key}={getattr(self, key)!r} must be one of {sorted(_DTYPES)}")
-        if self.visual_replicas < 1:
-            raise ValueError(f"fsdp.visual_replicas={self.visual_replicas} must be >= 1")
-
-    def mp_policy(self) -> MixedPrecisionPolicy:
-        if not self.mixed_precision:
-            return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(
-            param_dtype=_DTYPES[self.param_dtype], reduce_dtype=_DTYPES[self.reduce_dtype]
-        )
+            raise ValueError(f"parallel.fsdp.zero_stage={self.zero_stage} must be one of {ZERO_STAGES}")
+        if self.visual_replicas is not None and self.visual_replicas < 1:
+            raise ValueError(f"parallel.fsdp.visual_replicas={self.visual_replicas} must be >= 1 (or null)")
 
 
 @dataclass
@@ -176,26 +160,22 @@ def apply_fsdp(
     *,
     dims: ParallelDims,
     zero_stage: int = 3,
-    mixed_precision: bool = True,
+    precision: str = "fp32",
     cpu_offload: bool = False,
     visual_replicas: int = 1,
 ) -> nn.Module:
     """Shard `model` in place with FSDP2 and return it (now an FSDPModule).
 
     LLM units are sharded over dp_shard x cp (HSDP over dp_replicate), visual units over the world.
+    precision bf16: bf16 compute with fp32 sharded masters and fp32 reduce-scatter (precision.py).
     """
-    cfg = FSDPConfig(
-        zero_stage=zero_stage,
-        mixed_precision=mixed_precision,
-        cpu_offload=cpu_offload,
-        visual_replicas=visual_replicas,
-    )
+    cfg = FSDPConfig(zero_stage=zero_stage, cpu_offload=cpu_offload, visual_replicas=visual_replicas)
     units = fsdp_units(model)
     _check_homogeneous(units, model)
     offload: OffloadPolicy = (
         CPUOffloadPolicy(pin_memory=dims.device_type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     )
-    common = dict(mp_policy=cfg.mp_policy(), offload_policy=offload)
+    common = dict(mp_policy=fsdp_policy(precision), offload_policy=offload)
     meshes = {True: world_mesh(dims), False: llm_mesh(dims)}
     for i, unit in enumerate(units):
         # The last unit's backward starts right after its forward: resharding it would only add a gather.
@@ -204,7 +184,7 @@ def apply_fsdp(
         fully_shard(target, mesh=meshes[unit.visual], reshard_after_forward=reshard, **common)
     fully_shard(model, mesh=meshes[False], reshard_after_forward=cfg.zero_stage == 3, **common)
     for unit in units:
-        _set_sum_reduction(unit.modules[0], divide=cfg.visual_replicas if unit.visual else 1)
+        _set_sum_reduction(unit.modules[0], divide=visual_replicas if unit.visual else 1)
     _set_sum_reduction(model, divide=1)
     model._keye_zero_stage = cfg.zero_stage  # read by set_microbatch
     return model

@@ -63,6 +63,12 @@ class ParallelDims:
         if self.device_type not in ("cpu", "cuda"):
             raise ValueError(f"device_type={self.device_type!r} must be 'cpu' (gloo) or 'cuda' (nccl)")
 
+    @classmethod
+    def from_config(cls, cfg, *, world_size: int, device_type: str = "cpu") -> ParallelDims:
+        """The degrees of a `parallel:` section (distributed/parallelize.py: ParallelConfig) on this world."""
+        degrees = {name: getattr(cfg, name) for name in MESH_DIMS}
+        return cls(world_size=world_size, device_type=device_type, **degrees)
+
     def validate_for_model(self, *, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         """Checks that need the LLM's shape: heads split over TP (and CP for Ulysses), layers over PP."""
         if num_kv_heads % self.tp:

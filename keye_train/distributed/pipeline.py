@@ -54,7 +54,7 @@ LossFn = Callable[..., Tensor]
 
 @dataclass
 class PipelineConfig:
-    """Schedule, microbatch count and stages per pp rank (virtual stages)."""
+    """`parallel.pipeline`: schedule, microbatch count and stages per pp rank (virtual stages)."""
 
     schedule: str = "1f1b"
     microbatches: int = 1
@@ -63,37 +63,39 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"pipeline.schedule={self.schedule!r} is unknown; use one of {sorted(SCHEDULES)}"
+                f"parallel.pipeline.schedule={self.schedule!r} is unknown; use one of {sorted(SCHEDULES)}"
             )
         if self.microbatches < 1:
-            raise ValueError(f"pipeline.microbatches={self.microbatches} must be >= 1")
+            raise ValueError(f"parallel.pipeline.microbatches={self.microbatches} must be >= 1")
         if self.virtual_stages < 1:
-            raise ValueError(f"pipeline.virtual_stages={self.virtual_stages} must be >= 1")
+            raise ValueError(f"parallel.pipeline.virtual_stages={self.virtual_stages} must be >= 1")
         if self.schedule == "1f1b" and self.virtual_stages != 1:
             raise ValueError(
-                f"pipeline.virtual_stages={self.virtual_stages} needs an interleaved schedule; "
+                f"parallel.pipeline.virtual_stages={self.virtual_stages} needs an interleaved schedule; "
                 f"schedule '1f1b' runs one stage per rank"
             )
         if self.schedule == "zbv" and self.virtual_stages != 2:
-            raise ValueError(f"pipeline.virtual_stages={self.virtual_stages}: schedule 'zbv' needs exactly 2")
+            raise ValueError(
+                f"parallel.pipeline.virtual_stages={self.virtual_stages}: schedule 'zbv' needs exactly 2"
+            )
 
     def validate(self, *, pp: int, num_layers: int) -> None:
         """Checks that need the pp degree and the decoder depth."""
         stages = pp * self.virtual_stages
         if stages > num_layers:
             raise ValueError(
-                f"pp*pipeline.virtual_stages={pp}*{self.virtual_stages}={stages} stages exceed the "
+                f"pp*parallel.pipeline.virtual_stages={pp}*{self.virtual_stages}={stages} stages exceed the "
                 f"{num_layers} decoder layers: every stage needs at least one layer"
             )
         if self.microbatches < pp:
             raise ValueError(
-                f"pipeline.microbatches={self.microbatches} < pp={pp}: the pipeline would never fill; "
-                f"use at least pp microbatches"
+                f"parallel.pipeline.microbatches={self.microbatches} < pp={pp}: the pipeline would never "
+                f"fill; use at least pp microbatches"
             )
         rounds = max(1, self.microbatches // pp)
         if self.schedule != "1f1b" and self.microbatches % rounds:
             raise ValueError(
-                f"pipeline.microbatches={self.microbatches} must be a multiple of "
+                f"parallel.pipeline.microbatches={self.microbatches} must be a multiple of "
                 f"microbatches // pp = {rounds} for schedule {self.schedule!r}"
             )
 
@@ -259,7 +261,7 @@ class Pipeline:
         seq_len = int(batch["cu_seqlens"][-1]) // rows
         if rows % self.config.microbatches:
             raise ValueError(
-                f"the batch has {rows} rows, not divisible by pipeline.microbatches="
+                f"the batch has {rows} rows, not divisible by parallel.pipeline.microbatches="
                 f"{self.config.microbatches}"
             )
         kwargs = {

@@ -41,6 +41,18 @@ class TensorParallelConfig:
                 raise ValueError(f"parallel.tensor.{key}={value!r} must be a bool")
 
 
+class VocabParallelHead(ColwiseParallel):
+    """ColwiseParallel for the LM head (weight Shard(0) over the vocabulary) that also passes through
+    the head's chunked-loss output: with labels the head returns (loss sum, count), scalars that are
+    already reduced over tp, handed back as local tensors; without labels, logits as ColwiseParallel."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if isinstance(outputs, tuple):
+            return tuple(t.to_local() if isinstance(t, DTensor) else t for t in outputs)
+        return ColwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+
+
 def _check_sequence_divisible(tp: int):
     """A pre-hook: SequenceParallel rebuilds global shapes as local * tp, so an uneven split would be
     silently wrong downstream; refuse it here with the numbers instead."""
@@ -133,9 +145,9 @@ def apply_tensor_parallel(
     if getattr(model, "lm_head", None) is not None:
         head_input = Shard(1) if sequence_parallel else Replicate()
         head = (
-            ColwiseParallel(input_layouts=head_input, output_layouts=Shard(-1), use_local_output=False)
+            VocabParallelHead(input_layouts=head_input, output_layouts=Shard(-1), use_local_output=False)
             if loss_parallel
-            else ColwiseParallel(input_layouts=head_input, output_layouts=Replicate())
+            else VocabParallelHead(input_layouts=head_input, output_layouts=Replicate())
         )
         parallelize_module(model.lm_head, tp_mesh, head)
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ATTENTION_BACKENDS = ("sdpa", "flash", "flex")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex", "varlen")  # models/attention.py: BACKENDS
 
 
 def _require(condition: bool, message: str) -> None:

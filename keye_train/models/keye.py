@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.language import Qwen3Model, RMSNorm
+from keye_train.models.lm_head import LMHead
 from keye_train.models.projector import Projector
 from keye_train.models.rope import mrope_position_ids
 from keye_train.models.vision import MultiheadPoolingHead, VisionTower
@@ -23,7 +24,7 @@ class KeyeForConditionalGeneration(nn.Module):
         self.visual = VisionTower(cfg.vision)
         self.mlp_AR = Projector(cfg.projector)
         self.model = Qwen3Model(cfg.language)
-        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.language.hidden_size, cfg.language.vocab_size)
 
     @property
     def visual_token_ids(self) -> tuple[int, int]:
@@ -57,15 +58,18 @@ class KeyeForConditionalGeneration(nn.Module):
         pixel_values: Tensor | None = None,
         grid_thw: Tensor | None = None,
         visual_embeds: Tensor | None = None,
-    ) -> Tensor:
-        """Logits (B, S, vocab). Visual input comes as pixels (encoded here) or as precomputed embeddings
-        (the heterogeneous ViT path encodes elsewhere and routes them in)."""
+        labels: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, S, vocab); with labels (B, S) the chunked loss (summed cross entropy, target count)
+        instead, so the [tokens x vocab] logits never exist (models/lm_head.py). Visual input comes as
+        pixels (encoded here) or as precomputed embeddings (the heterogeneous ViT path encodes elsewhere
+        and routes them in)."""
         if visual_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             visual_embeds = self.encode_visual(pixel_values, grid_thw)
         hidden = self.model(
             self.embed(input_ids, visual_embeds), position_ids=position_ids, cu_seqlens=cu_seqlens
         )
-        return self.lm_head(hidden)
+        return self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels=labels)
 
 
 def position_ids_for(input_ids: Tensor, *, grids_hw: Sequence[tuple[int, int]], cfg: KeyeConfig) -> Tensor:

@@ -202,6 +202,7 @@ def build_weights(
         keye_cfg, language=dataclasses.replace(keye_cfg.language, vocab_size=stored_vocab)
     ) if grow else keye_cfg  # fmt: skip
     model = build_model(build_cfg, device=device, seed=cfg.model.init_seed)
+    model.lm_head.chunk_tokens = cfg.loss.chunk_tokens
     tower = None
     if cfg.stage.loss == "siglip":
         with torch.random.fork_rng(devices=[]):

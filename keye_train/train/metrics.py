@@ -93,8 +93,11 @@ class MetricsLogger:
         rank: int = 0,
         total_steps: int | None = None,
         run_config: dict[str, Any] | None = None,
+        first_record: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Run facts (e.g. precision) written into the first record this process logs (also after a resume).
+        self._first_record = dict(first_record or {})
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.total_steps = total_steps
@@ -264,6 +267,8 @@ class MetricsLogger:
             record[key] = _num(value)
         for key, values in (per_rank or {}).items():  # one value per rank, in world rank order
             record[key] = [_num(v) for v in values]
+        record.update(self._first_record)
+        self._first_record = {}
         if self.is_writer:
             self._write(record)
         return record

@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from keye_train.config.schema import TrainConfig
 from keye_train.data.batch import PackedBatch
-from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
 from keye_train.distributed.collectives import sum_scalars
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import parallelize
+from keye_train.distributed.parallelize import apply_local, parallelize
 from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
+from keye_train.distributed.precision import autocast_method
 from keye_train.distributed.vision import (
     RoutedVisuals,
     VisualRouter,
@@ -39,10 +39,11 @@ class PipelineTrainStep:
         self, model: nn.Module, *, dims: ParallelDims, cfg: TrainConfig, device: torch.device
     ) -> None:
         data = cfg.data
-        if data.microbatches % cfg.pipeline.microbatches:
+        pipe = cfg.parallel.pipeline
+        if data.microbatches % pipe.microbatches:
             raise ValueError(
                 f"data.microbatches={data.microbatches} packed rows per DP replica must be a multiple of "
-                f"pipeline.microbatches={cfg.pipeline.microbatches}"
+                f"parallel.pipeline.microbatches={pipe.microbatches}"
             )
         if data.eval_interval and data.eval_manifest and data.eval_batches % data.microbatches:
             # The schedule's stages keep the training step's microbatch shape: evaluate in whole steps.
@@ -55,30 +56,25 @@ class PipelineTrainStep:
         self.dims = dims
         self.device = device
         self.visual_modules = [model.visual, model.mlp_AR]
-        self.router = VisualRouter(model, cost_fn=calibrated_visual_cost(cfg.data.cost_model))
         self.visual_token_ids = model.visual_token_ids
 
         # The replicated ViT (outside the stages) gets the run's activation checkpointing and compile;
         # each stage gets TP, CP, AC, compile and FSDP (ZeRO over dp_shard x cp) like a whole model.
-        towers = ("vision",)
-        apply_activation_checkpointing(
-            model,
-            mode=cfg.parallelize.activation_checkpointing,
-            every=cfg.parallelize.ac_every,
-            towers=towers,
-        )
-        if cfg.parallelize.compile:
-            apply_compile(model, towers=towers)
+        # Precision without FSDP: autocast around the router's encoder calls (wrapped before the router
+        # captures encode_visual).
+        apply_local(model, cfg=cfg.parallel, precision=cfg.precision, towers=("vision",))
+        autocast_method(model, "encode_visual", precision=cfg.precision, device_type=device.type)
+        self.router = VisualRouter(model, cost_fn=calibrated_visual_cost(cfg.data.cost_model))
 
         def parallelize_stage(stage: nn.Module) -> nn.Module:
-            return parallelize(stage, dims=dims, cfg=cfg.parallelize, cp_impl=cfg.context_parallel.cp_impl)
+            return parallelize(stage, dims=dims, cfg=cfg.parallel, precision=cfg.precision)
 
         self.pipeline = build_pipeline(
             model,
             dims=dims,
-            schedule=cfg.pipeline.schedule,
-            microbatches=cfg.pipeline.microbatches,
-            virtual_stages=cfg.pipeline.virtual_stages,
+            schedule=pipe.schedule,
+            microbatches=pipe.microbatches,
+            virtual_stages=pipe.virtual_stages,
             parallelize_stage=parallelize_stage,
         )
         # Checkpoint names stay the full model's (stages keep global layer keys): resumable in any layout.

@@ -11,6 +11,8 @@ from keye_train.data.loader.pairs import PairBatch, PairLoader
 from keye_train.distributed.collectives import gather_objects, rank_in, sum_scalars
 from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
 from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallelize import apply_local
+from keye_train.distributed.precision import autocast_method, fsdp_policy
 from keye_train.distributed.vision import (
     VisualEncoder,
     VisualRouter,
@@ -56,20 +58,18 @@ class _Towers(nn.Module):
 
 
 def shard_towers(root: _Towers, *, dims: ParallelDims, cfg: TrainConfig) -> None:
-    """ZeRO over every rank for stage 0 (parallelize.zero_stage, mixed_precision, cpu_offload honoured):
-    one FSDP unit per ViT and text layer, the rest of each tower, and the root. The towers' remainders
-    (patch/text embeddings, post-norms, pooling heads, logit scale and bias) stay gathered from forward to
-    backward: the pooling head and the logit scale are used after their tower's forward returns. With one
-    pair batch per step ZeRO-1 and ZeRO-2 coincide; ZeRO-3 also reshards every layer after its forward.
-    Gradients are summed (the loss is already each rank's share of the global loss)."""
+    """ZeRO over every rank for stage 0 (parallel.fsdp.zero_stage / cpu_offload and the root precision
+    honoured): one FSDP unit per ViT and text layer, the rest of each tower, and the root. The towers'
+    remainders (patch/text embeddings, post-norms, pooling heads, logit scale and bias) stay gathered from
+    forward to backward: the pooling head and the logit scale are used after their tower's forward
+    returns. With one pair batch per step ZeRO-1 and ZeRO-2 coincide; ZeRO-3 also reshards every layer
+    after its forward. Gradients are summed (the loss is already each rank's share of the global loss).
+    bf16: the MixedPrecisionPolicy (bf16 compute, fp32 sharded masters and fp32 reduce-scatter)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from keye_train.distributed.fsdp import FSDPConfig
-
-    p = cfg.parallelize
-    fsdp = FSDPConfig(zero_stage=p.zero_stage, mixed_precision=p.mixed_precision, cpu_offload=p.cpu_offload)
-    offload = CPUOffloadPolicy(pin_memory=dims.device_type == "cuda") if p.cpu_offload else OffloadPolicy()
-    common = dict(mesh=dims.submesh("world"), mp_policy=fsdp.mp_policy(), offload_policy=offload)
+    fsdp = cfg.parallel.fsdp
+    offload = CPUOffloadPolicy(pin_memory=dims.device_type == "cuda") if fsdp.cpu_offload else OffloadPolicy()
+    common = dict(mesh=dims.submesh("world"), mp_policy=fsdp_policy(cfg.precision), offload_policy=offload)
     layers = [*root.visual.vision_model.encoder.layers, *root.tower.text_model.encoder.layers]
     units = []
     for layer in layers:
@@ -104,8 +104,13 @@ class SiglipStep:
         _refuse_layout(cfg, dims)
         self.model, self.tower, self.dims, self.device = model, tower, dims, device
         self.root = _Towers(model.visual, tower, self._pair_loss)
+        # The ViT's AC and compile like every layout (before FSDP's hooks wrap its layers).
+        apply_local(model, cfg=cfg.parallel, precision=cfg.precision, towers=("vision",))
         if dims.world_size > 1:
             shard_towers(self.root, dims=dims, cfg=cfg)
+        else:
+            # No FSDP: bf16 is autocast around the root's forward (router encode, text tower and loss).
+            autocast_method(self.root, "forward", precision=cfg.precision, device_type=device.type)
         vision = model.visual.vision_model
         encoder = VisualEncoder(
             # Through `visual` (not vision_model) so that its FSDP unit gathers the embeddings and head.

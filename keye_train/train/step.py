@@ -32,7 +32,6 @@ from keye_train.data.plan.cost import CostModel
 from keye_train.distributed.collectives import sum_scalars
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.vision import CostFn, RoutedVisuals, VisualRouter, route_replica_visuals
-from keye_train.train.loss import token_cross_entropy
 from keye_train.train.optim import clip_grad_norm
 from keye_train.train.stages import module_groups
 
@@ -214,10 +213,14 @@ class LanguageModelStep:
             return sliced + zero_anchor([routed.embeds]) if sliced.requires_grad else sliced
 
         with self._loss_context(), routed_visual_input(self.model, visuals) as routed:
-            logits = self.model(
-                inputs["input_ids"], position_ids=inputs["position_ids"], cu_seqlens=inputs["cu_seqlens"]
+            # With labels the model returns the chunked loss (no [tokens x vocab] logits; lm_head.py);
+            # the visual embeddings come from the router (the hook), never from a ViT run in here.
+            loss_sum, count = self.model(
+                inputs["input_ids"],
+                position_ids=inputs["position_ids"],
+                cu_seqlens=inputs["cu_seqlens"],
+                labels=inputs["labels"],
             )
-            loss_sum, count = self._cross_entropy(logits, inputs["labels"])
             if backward:
                 (loss_sum / global_count + zero_anchor(routed)).backward()
         return float(loss_sum.detach())
@@ -240,13 +243,6 @@ class LanguageModelStep:
 
             return loss_parallel_context(True)
         return contextlib.nullcontext()
-
-    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.dims.tp > 1 and self.loss_parallel:
-            from keye_train.distributed.tensor_parallel import vocab_parallel_cross_entropy
-
-            return vocab_parallel_cross_entropy(logits, labels)
-        return token_cross_entropy(logits, labels)
 
 
 def strip_pixels(rows: list[PackedBatch]) -> list[PackedBatch]:
@@ -281,21 +277,17 @@ def build_train_step(
         from keye_train.train.pipeline_step import PipelineTrainStep
 
         return PipelineTrainStep(model, dims=dims, cfg=cfg, device=device)
-    if dims.world_size > 1:
-        from keye_train.distributed.parallelize import parallelize
+    from keye_train.distributed.parallelize import parallelize
 
-        # The router encodes each item once in the world: the ViT's FSDP units sum gradients as they are.
-        parallelize(
-            model,
-            dims=dims,
-            cfg=replace(cfg.parallelize, visual_replicas=1),
-            cp_impl=cfg.context_parallel.cp_impl,
-        )
+    # Any world size: TP/CP/FSDP where the layout has them, precision, AC and compile always. The router
+    # encodes each item once in the world: the ViT's FSDP units sum gradients as they are.
+    parallel = replace(cfg.parallel, fsdp=replace(cfg.parallel.fsdp, visual_replicas=1))
+    parallelize(model, dims=dims, cfg=parallel, precision=cfg.precision)
     groups = module_groups(model, None)
     return LanguageModelStep(
         model,
         dims=dims,
-        loss_parallel=cfg.parallelize.loss_parallel,
+        loss_parallel=cfg.parallel.tensor.loss_parallel,
         device=device,
         router=VisualRouter(model, cost_fn=calibrated_visual_cost(cfg.data.cost_model)),
         trained_groups={k: v for k, v in groups.items() if k in cfg.stage.train},

@@ -69,6 +69,7 @@ class Trainer:
             rank=self.rank,
             total_steps=cfg.steps,
             run_config={"recipe": self.resolved_yaml},
+            first_record={"precision": cfg.precision},
         )
         self.checkpoints = CheckpointManager(cfg.checkpoint, log=self._log)
         self.state = TrainState(
@@ -91,9 +92,9 @@ class Trainer:
         self.dims.validate_for_model(
             num_layers=lm.num_layers, num_heads=lm.num_heads, num_kv_heads=lm.num_kv_heads
         )
-        if self.dims.cp > 1 and cfg.context_parallel.cp_impl != "ulysses":
+        if self.dims.cp > 1 and cfg.parallel.context.cp_impl != "ulysses":
             raise ValueError(
-                f"context_parallel.cp_impl={cfg.context_parallel.cp_impl!r}: the trainer drives Ulysses CP "
+                f"parallel.context.cp_impl={cfg.parallel.context.cp_impl!r}: the trainer drives Ulysses CP "
                 "only; ring attention exists in distributed/context_parallel.py, not yet wired into training"
             )
         self.model, tower = build_weights(cfg, self.keye_cfg, device=self.device)

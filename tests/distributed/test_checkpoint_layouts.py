@@ -42,7 +42,7 @@ def _step(model, optimizer) -> float:
 def _fsdp_model(world_size: int, seed: int):
     model = build_model(CFG, seed=seed)
     # fp32 compute so the sharded and the single-process model run the same arithmetic
-    return apply_fsdp(model, dims=ParallelDims(world_size=world_size), mixed_precision=False)
+    return apply_fsdp(model, dims=ParallelDims(world_size=world_size), precision="fp32")
 
 
 def _fsdp_rank(rank, world_size, ckpt_dir, hf_dir):

@@ -248,7 +248,7 @@ def _cp_ranks(rank, world_size):
 
     # DP2 x CP2: FSDP2 (Engineer D's apply_fsdp, fp32, gradients summed over dp_shard x cp).
     model = apply_context_parallel(build_model(cfg, seed=0), cp_mesh=cp_mesh)
-    apply_fsdp(model, dims=dims, mixed_precision=False)
+    apply_fsdp(model, dims=dims, precision="fp32")
     batch = toy_packed_batch(cfg, seed=dims.dp_rank, seq_len=SEQ_LEN)
     out["dp2_cp2"] = _train(
         model,

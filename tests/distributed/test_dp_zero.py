@@ -18,9 +18,10 @@ import torch.distributed as dist
 from harness import PARAM_ATOL, PARAM_RTOL, PARITY_LR, parity_optimizer, run_ranks
 from torch.distributed.tensor import DTensor
 
-from keye_train.distributed.fsdp import set_microbatch, trainable_parameters
+from keye_train.distributed.activation_checkpoint import ActivationCheckpointConfig
+from keye_train.distributed.fsdp import FSDPConfig, set_microbatch, trainable_parameters
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.testing.toy_batch import toy_packed_batch
@@ -127,13 +128,28 @@ class CommCounter:
             setattr(dist, name, fn)
 
 
+def layout_cfg(
+    *, zero_stage: int, ac: str = "none", every: int = 2, cpu_offload: bool = False
+) -> ParallelConfig:
+    """The `parallel:` section of a layout under test."""
+    return ParallelConfig(
+        fsdp=FSDPConfig(zero_stage=zero_stage, cpu_offload=cpu_offload),
+        ac=ActivationCheckpointConfig(mode=ac, every=every),
+    )
+
+
 def run_layout(
-    rank: int, dims: ParallelDims, seeds: list[int], pcfg: ParallelizeConfig, frozen: tuple[str, ...] = ()
+    rank: int,
+    dims: ParallelDims,
+    seeds: list[int],
+    pcfg: ParallelConfig,
+    frozen: tuple[str, ...] = (),
+    precision: str = "fp32",
 ) -> dict:
     cfg = tiny()
     model = build_model(cfg, seed=0)
     freeze(model, frozen)
-    parallelize(model, dims=dims, cfg=pcfg)
+    parallelize(model, dims=dims, cfg=pcfg, precision=precision)
     batches = [toy_packed_batch(cfg, seed=s) for s in seeds]
     with CommCounter() as comms:
         result = train(
@@ -149,28 +165,27 @@ def run_layout(
     return result
 
 
-DP2_CASES = {
-    "zero1": ParallelizeConfig(zero_stage=1, mixed_precision=False),
-    "zero2+selective_ac": ParallelizeConfig(
-        zero_stage=2, mixed_precision=False, activation_checkpointing="selective", ac_every=2
-    ),
-    "zero3+full_ac": ParallelizeConfig(zero_stage=3, mixed_precision=False, activation_checkpointing="full"),
-    "zero3_bf16": ParallelizeConfig(zero_stage=3, mixed_precision=True),
-    "zero3_cpu_offload": ParallelizeConfig(zero_stage=3, mixed_precision=False, cpu_offload=True),
+DP2_CASES = {  # name: (parallel section, precision)
+    "zero1": (layout_cfg(zero_stage=1), "fp32"),
+    "zero2+selective_ac": (layout_cfg(zero_stage=2, ac="selective", every=2), "fp32"),
+    "zero3+full_ac": (layout_cfg(zero_stage=3, ac="full"), "fp32"),
+    "zero3_bf16": (layout_cfg(zero_stage=3), "bf16"),
+    "zero3_cpu_offload": (layout_cfg(zero_stage=3, cpu_offload=True), "fp32"),
 }
 
 
 def _dp2(rank: int, world_size: int) -> dict:
     dims = ParallelDims(world_size=world_size)
     seeds = list(SEEDS[2 * rank : 2 * rank + 2])  # rank r takes seeds 2r, 2r+1 as two micro-batches
-    return {name: run_layout(rank, dims, seeds, pcfg) for name, pcfg in DP2_CASES.items()}
+    return {
+        name: run_layout(rank, dims, seeds, pcfg, precision=precision)
+        for name, (pcfg, precision) in DP2_CASES.items()
+    }
 
 
 def _hsdp(rank: int, world_size: int) -> dict:
     dims = ParallelDims(world_size=world_size, dp_replicate=2, dp_shard=2)
-    return run_layout(
-        rank, dims, [SEEDS[dims.dp_rank]], ParallelizeConfig(zero_stage=2, mixed_precision=False)
-    )
+    return run_layout(rank, dims, [SEEDS[dims.dp_rank]], layout_cfg(zero_stage=2))
 
 
 def assert_matches(result: dict, ref: dict, *, atol: float = ATOL, rtol: float = RTOL) -> None:

@@ -17,13 +17,13 @@ from test_dp_zero import (
     SEEDS,
     STAGE1_FROZEN,
     STEPS,
+    layout_cfg,
     reference,
     run_layout,
 )
 
 from keye_train.distributed.fsdp import apply_fsdp
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelizeConfig
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 
@@ -38,7 +38,7 @@ def _stage1(rank: int, world_size: int) -> dict:
             rank,
             dims,
             seeds,
-            ParallelizeConfig(zero_stage=stage, mixed_precision=False, activation_checkpointing="full"),
+            layout_cfg(zero_stage=stage, ac="full"),
             frozen=STAGE1_FROZEN,
         )
         for stage in (1, 3)

@@ -9,8 +9,9 @@ from torch.distributed.tensor import DTensor
 
 from keye_train.data.batch import IGNORE_INDEX
 from keye_train.distributed.context_parallel import local_visual_embeds, split_for_context_parallel
+from keye_train.distributed.fsdp import FSDPConfig
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.distributed.pipeline import (
     PipelineConfig,
     build_pipeline,
@@ -122,8 +123,8 @@ def train_pipeline(
         visual_index = batch.pop("visual_index")
     parallelize_stage = None
     if zero_stage is not None:
-        stage_cfg = ParallelizeConfig(zero_stage=zero_stage, mixed_precision=False)
-        parallelize_stage = lambda m: parallelize(m, dims=dims, cfg=stage_cfg)  # noqa: E731
+        stage_cfg = ParallelConfig(fsdp=FSDPConfig(zero_stage=zero_stage))
+        parallelize_stage = lambda m: parallelize(m, dims=dims, cfg=stage_cfg, precision="fp32")  # noqa: E731
     elif tp > 1:
         parallelize_stage = lambda m: apply_tensor_parallel(m, tp_mesh=dims.submesh("tp"))  # noqa: E731
     pipeline = build_pipeline(

@@ -44,9 +44,9 @@ def _one_layout(rank, world_size, *, pp, cp, tp):
         [
             "data.manifest=unused.yaml",
             f"data.microbatches={per_replica}",
-            "pipeline.microbatches=2",
-            "parallelize.mixed_precision=false",
-            "parallelize.zero_stage=2",
+            "parallel.pipeline.microbatches=2",
+            "precision=fp32",
+            "parallel.fsdp.zero_stage=2",
         ],
     )
     cfg = tiny()
@@ -107,7 +107,7 @@ def _stage0(rank, world_size):
     dims = ParallelDims(world_size=world_size)
     _, train_cfg = compose_config(
         "stage0_vit",
-        ["data.manifest=unused.yaml", "parallelize.mixed_precision=false", "parallelize.zero_stage=3"],
+        ["data.manifest=unused.yaml", "precision=fp32", "parallel.fsdp.zero_stage=3"],
     )
     cfg = tiny()
     model, tower = _siglip_towers(cfg, train_cfg)

@@ -7,8 +7,9 @@ import torch
 from harness import run_ranks
 
 from keye_train.data.batch import IGNORE_INDEX, PackedBatch
+from keye_train.distributed.fsdp import FSDPConfig
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelizeConfig, parallelize
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.distributed.vision import VisualRouter
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
@@ -56,7 +57,10 @@ def _dp2_step(rank, world_size, cfg):
     dims = ParallelDims(world_size=world_size)
     model = build_model(cfg, seed=0)
     parallelize(
-        model, dims=dims, cfg=ParallelizeConfig(zero_stage=2, mixed_precision=False, visual_replicas=1)
+        model,
+        dims=dims,
+        cfg=ParallelConfig(fsdp=FSDPConfig(zero_stage=2, visual_replicas=1)),
+        precision="fp32",
     )
     rows = batches(cfg)
     count = torch.tensor(float(sum(b.num_target_tokens for b in rows)))

@@ -82,6 +82,21 @@ def _tp_rank(rank, world_size):
         }
         losses, grads = _train_tp(model, batch, loss_parallel=lp)
         results[(sp, lp)] = {"losses": losses, "grads": grads, "params": _full(model), "shapes": local_shapes}
+        # The chunked loss (what the trainer computes: model(..., labels=...)) on the same layout.
+        model = build_model(cfg, seed=0)
+        apply_tensor_parallel(model, tp_mesh=dims.submesh("tp"), sequence_parallel=sp, loss_parallel=lp)
+        model.lm_head.chunk_tokens = 24  # 64 tokens: chunks of 24, 24, 16
+        with loss_parallel_context(lp):
+            loss_sum, count = model(
+                batch["input_ids"],
+                position_ids=batch["position_ids"],
+                cu_seqlens=batch["cu_seqlens"],
+                pixel_values=batch["pixel_values"],
+                grid_thw=batch["grid_thw"],
+                labels=batch["labels"],
+            )
+            (loss_sum / count).backward()
+        results[("chunked", sp, lp)] = {"loss": (loss_sum / count).item(), "grads": _full_grads(model)}
     try:  # sequence parallelism refuses a sequence it cannot split evenly, naming the numbers
         model = apply_tensor_parallel(build_model(cfg, seed=0), tp_mesh=dims.submesh("tp"))
         odd = toy_packed_batch(cfg)  # 61 tokens
@@ -126,6 +141,13 @@ def test_tp2_matches_single_process_with_and_without_sequence_parallel():
     cfg = tiny().language
     for rank_results in results:
         assert "S=61, tp=2" in rank_results.pop("odd_length")
+    for layout in [k for k in results[0] if k[0] == "chunked"]:
+        result = results[0].pop(layout)
+        results[1].pop(layout)
+        assert result["loss"] == pytest.approx(ref_losses[0], rel=LOSS_RTOL), layout
+        assert result["grads"].keys() == ref_grads.keys(), layout
+        for name, ref in ref_grads.items():
+            _assert_close(result["grads"][name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, what=f"{layout} {name}")
     for layout, result in results[0].items():
         shapes = result["shapes"]
         assert shapes["q_proj"] == (cfg.num_heads * cfg.head_dim // 2, cfg.hidden_size), layout

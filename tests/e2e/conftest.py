@@ -14,7 +14,7 @@ from keye_train.data.synth.shards import SynthConfig, synth_dataset
 COMMON = [
     "stage.max_seq_len=512",
     "schedule.warmup_steps=1",
-    "parallelize.mixed_precision=false",
+    "precision=fp32",
     "logging.progress_bar=false",
     "logging.wandb.mode=disabled",
 ]

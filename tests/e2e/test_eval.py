@@ -44,7 +44,7 @@ def test_eval_loss_is_written_at_its_interval(single):
 
 @pytest.mark.dist
 def test_eval_under_pipeline_parallelism_equals_one_process(synthetic, single, tmp_path):
-    pipeline = ("parallel.pp=2", "parallel.dp_shard=1", "pipeline.microbatches=2")
+    pipeline = ("parallel.pp=2", "parallel.dp_shard=1", "parallel.pipeline.microbatches=2")
     records = evaluated(synthetic, tmp_path / "pp2", nproc=2, port=29741, layout=pipeline)
     assert [r["step"] for r in records] == [2, 4]
     for got, ref in zip(records, single, strict=True):

@@ -68,9 +68,12 @@ def dp2_reference(synthetic, tmp_path_factory):
 # layout -> (processes, overrides); each resumed layout trains the same global batch of 2 packed rows.
 RESUMED_LAYOUTS = {
     "tp2": (2, ["parallel=tp2", "data.microbatches=2"]),
-    "pp2": (2, ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "pipeline.microbatches=2"]),
+    "pp2": (
+        2,
+        ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "parallel.pipeline.microbatches=2"],
+    ),
     # The stage-3 recipe's own layout: Ulysses CP inside each pipeline stage.
-    "pp2_cp2": (4, ["parallel=zero1_cp_pp", "data.microbatches=2", "pipeline.microbatches=2"]),
+    "pp2_cp2": (4, ["parallel=zero1_cp_pp", "data.microbatches=2", "parallel.pipeline.microbatches=2"]),
 }
 
 
@@ -112,7 +115,7 @@ def test_indexed_loader_feeds_the_pipeline_like_one_process(synthetic, tmp_path)
     indexed = ["data.loader=indexed", "data.microbatches=2"]
     train(overrides=base(synthetic, tmp_path / "single", *indexed, "parallel=single"))
     reference = metrics(tmp_path / "single")
-    pipeline = ["parallel.pp=2", "parallel.dp_shard=1", "pipeline.microbatches=2"]
+    pipeline = ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pipeline.microbatches=2"]
     train(nproc=2, port=29724, overrides=base(synthetic, tmp_path / "pp2", *indexed, *pipeline))
     pp2 = metrics(tmp_path / "pp2")
     assert sorted(pp2) == sorted(reference) == list(range(STEPS))

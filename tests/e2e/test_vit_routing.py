@@ -13,7 +13,12 @@ LAYOUTS = {
     "dp2": ["parallel.dp_shard=2", "data.microbatches=1"],
     "tp2": ["parallel.tp=2", "parallel.dp_shard=1", "data.microbatches=2"],
     "cp2": ["parallel.cp=2", "parallel.dp_shard=1", "data.microbatches=2"],
-    "pp2": ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "pipeline.microbatches=2"],
+    "pp2": [
+        "parallel.pp=2",
+        "parallel.dp_shard=1",
+        "data.microbatches=2",
+        "parallel.pipeline.microbatches=2",
+    ],
 }
 
 

@@ -69,7 +69,7 @@ def test_mfu_and_its_validation():
 def test_memory_orders_zero_stages_and_checkpointing():
     cfg, work = keye_8b(), Workload(seq_len=8192)
     mem = {z: memory_per_rank(cfg, work, Layout(dp=64, zero=z)) for z in (1, 2, 3)}
-    assert mem[3]["gathered_params_bf16"] < mem[2]["gathered_params_bf16"] == mem[1]["gathered_params_bf16"]
+    assert mem[3]["gathered_params"] < mem[2]["gathered_params"] == mem[1]["gathered_params"]
     assert mem[3]["unsharded_grads"] == mem[2]["unsharded_grads"] < mem[1]["unsharded_grads"]
     assert mem[2]["activations_full_ac"] < mem[2]["activations_no_ac"] / 5
     half = memory_per_rank(cfg, work, Layout(dp=32, zero=3))
@@ -107,3 +107,31 @@ def test_packed_batch_flops_by_hand():
     )
     got = packed_batch_flops(cfg, cu_seqlens=[0, 10, 40], grid_thw=[[1, 4, 6], [2, 2, 2]])
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tp", "3", "--pp", "40"], "parallel.tp=3 does not divide the 8 KV heads"),
+        (["--pp", "40"], "parallel.pp=40 exceeds the 36 decoder layers"),
+        (["--pp", "4", "--microbatches", "2"], "parallel.pipeline.microbatches=2 < pp=4"),
+    ],
+)
+def test_estimate_refuses_layouts_the_trainer_refuses(args, message):
+    with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
+        estimate_main(args)
+
+
+def test_estimate_within_15_percent_of_a_measured_cpu_peak():
+    """The tiny model's two AdamW steps in a fresh process, fp32 and bf16 (bench/estimate_memory.py;
+    the small model's rows are in docs/perf.md)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import estimate_memory
+
+    for precision in ("fp32", "bf16"):
+        measured = estimate_memory.measure("tiny", precision)
+        predicted = estimate_memory.estimate("tiny", precision)["total_no_ac"]
+        assert 0.85 <= predicted / measured <= 1.15, (precision, predicted / 2**20, measured / 2**20)

@@ -45,9 +45,9 @@ def test_stage_recipes_follow_the_paper():
     stages = {r: compose_config(r, OVERRIDES)[1] for r in RECIPES}
     assert stages["stage0_vit"].stage.loss == "siglip"
     assert stages["stage1_align"].stage.train == ["projector"]
-    assert stages["stage2_multitask"].parallelize.zero_stage == 2
+    assert stages["stage2_multitask"].parallel.fsdp.zero_stage == 2
     s3 = stages["stage3_anneal_128k"]
-    assert (s3.stage.rope_theta, s3.stage.max_seq_len, s3.parallelize.zero_stage) == (8e6, 131072, 1)
+    assert (s3.stage.rope_theta, s3.stage.max_seq_len, s3.parallel.fsdp.zero_stage) == (8e6, 131072, 1)
     assert s3.parallel.cp > 1 and s3.parallel.pp > 1
     shares = s3.data.shares
     assert shares["video"] == 0.24 and shares["text"] == 0.26
@@ -66,8 +66,25 @@ def test_a_mistyped_key_fails_with_its_name(override, name):
 def test_an_invalid_value_fails_with_its_key():
     with pytest.raises(ValueError, match="stage.name"):
         compose_config("stage2_multitask", OVERRIDES + ["stage.name=stage9"])
-    with pytest.raises(ValueError, match="zero_stage"):
-        compose_config("stage2_multitask", OVERRIDES + ["parallelize.zero_stage=4"])
+    with pytest.raises(ValueError, match=r"parallel\.fsdp\.zero_stage=4"):
+        compose_config("stage2_multitask", OVERRIDES + ["parallel.fsdp.zero_stage=4"])
+    with pytest.raises(ValueError, match=r"precision='fp16'"):
+        compose_config("stage2_multitask", OVERRIDES + ["precision=fp16"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value", "expected"),
+    [
+        ("parallel.tp=two", "parallel.tp", "two", "int"),
+        ("parallel.compile=maybe", "parallel.compile", "maybe", "bool"),
+        ("loss.chunk_tokens=1.5", "loss.chunk_tokens", "1.5", "int"),
+    ],
+)
+def test_a_badly_typed_value_names_key_value_and_type(override, key, value, expected):
+    with pytest.raises(ValueError) as info:
+        compose_config("stage2_multitask", OVERRIDES + [override])
+    message = str(info.value)
+    assert key in message and value in message and expected in message.lower(), message
 
 
 def test_model_overrides_reach_the_model_config():

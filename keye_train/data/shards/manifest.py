@@ -65,7 +65,7 @@ class DataConfig:
         if len(by_tokens) > 1:
             raise ValueError("data.sources mix weight and token_share; use one share type for all sources")
         if not 0.0 <= self.max_skip_rate <= 1.0:
-            raise ValueError(f"data.max_skip_rate={self.max_skip_rate} must be in [0, 1]")
+            raise ValueError(f"manifest max_skip_rate={self.max_skip_rate} must be in [0, 1]")
 
     @property
     def by_tokens(self) -> bool:

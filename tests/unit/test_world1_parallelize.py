@@ -1,0 +1,60 @@
+"""parallelize() at world = 1: compile (inductor on CPU) and activation checkpointing apply without FSDP,
+and the step equals eager; bf16 autocast wraps the forward with fp32 master weights."""
+
+import pytest
+import torch
+
+from keye_train.distributed.activation_checkpoint import ActivationCheckpointConfig
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
+from keye_train.models.configs import tiny
+from keye_train.models.keye import build_model
+from keye_train.testing.toy_batch import toy_packed_batch
+
+
+def _step(model, batch):
+    loss_sum, count = model(
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        cu_seqlens=batch["cu_seqlens"],
+        pixel_values=batch["pixel_values"],
+        grid_thw=batch["grid_thw"],
+        labels=batch["labels"],
+    )
+    loss = loss_sum / count
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(cfg: ParallelConfig, *, precision: str = "fp32"):
+    model = build_model(tiny(), seed=0)
+    parallelize(model, dims=ParallelDims(world_size=1), cfg=cfg, precision=precision)
+    return model, _step(model, toy_packed_batch(tiny()))
+
+
+def _assert_same(got, ref, tol):
+    torch.testing.assert_close(got[0], ref[0], atol=tol, rtol=tol)
+    assert got[1].keys() == ref[1].keys()
+    for name, g in got[1].items():
+        torch.testing.assert_close(g, ref[1][name], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_compile_with_inductor_and_ac_equal_eager_at_world_1():
+    torch._dynamo.reset()
+    _, eager = _run(ParallelConfig())
+    compiled_model, compiled = _run(ParallelConfig(compile=True, ac=ActivationCheckpointConfig(mode="full")))
+    layer = compiled_model.model.layers["0"]
+    assert getattr(layer, "_keye_checkpointed", False)  # AC applied without FSDP
+    # compiled: the checkpoint runs a torch.compile'd inner forward (inductor, the default backend)
+    assert layer.forward.args[0] is not layer._keye_inner_forward
+    _assert_same(compiled, eager, 1e-5)
+
+
+def test_bf16_autocast_at_world_1_keeps_fp32_masters():
+    model, (loss, grads) = _run(ParallelConfig(), precision="bf16")
+    _, (ref_loss, _) = _run(ParallelConfig())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert loss.dtype == torch.float32
+    assert loss.item() != ref_loss.item()  # bf16 compute did happen ...
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)  # ... and stays close to fp32
