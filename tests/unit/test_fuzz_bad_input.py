@@ -195,3 +195,40 @@ def test_skip_ceiling_stops_the_run(fuzz):
     with pytest.raises(RuntimeError, match=r"source 'fuzz_caption'.*max_skip_rate"):
         list(iter_source_samples(sources[0], encoder=encoder, counter=counter))
     assert counter.seen["fuzz_caption"] == 20  # stopped as soon as the ceiling was checkable
+
+
+def test_planned_loader_trains_on_the_good_samples_and_counts_every_bad_one(fuzz, tmp_path):
+    """The same corrupted shards through the planned loader (index, plan, decode, pack): set-up does not
+    raise, every good sample reaches a packed row, and no bad one does."""
+    from keye_train.data.loader.planned import TopologyAwareLoader
+    from keye_train.data.shards.manifest import DataConfig
+    from keye_train.data.shards.prepare import ensure_indexes
+    from keye_train.distributed.parallel_dims import ParallelDims
+
+    all_cases, sources, encoder = fuzz
+    good = {f"{k}{i:05d}" for i, (k, _, bad) in enumerate(all_cases) if not bad}
+    bad = {f"{k}{i:05d}" for i, (k, _, is_bad) in enumerate(all_cases) if is_bad}
+    data_cfg = DataConfig(sources=sources, seed=0, max_skip_rate=1.0)
+    ensure_indexes([data_cfg], tokenizer=encoder.tok, builds=True, progress=False)
+    loader = TopologyAwareLoader(
+        data_cfg,
+        dims=ParallelDims(world_size=1),
+        tokenizer=encoder.tok,
+        max_seq_len=2048,
+        microbatches=2,
+        prefetch=0,
+        image_cfg=encoder.image_cfg,
+        video_cfg=encoder.video_cfg,
+    )
+    trained: set[str] = set()
+    try:
+        for _ in range(200):
+            step = loader.next_step()
+            trained.update(key for row in step.microbatches for key in row.sample_keys)
+            if good <= trained:
+                break
+    finally:
+        loader.close()
+    assert trained == good
+    assert not trained & bad
+    assert sum(loader.counter.skipped.values()) >= len(bad)  # every bad sample counted (at least once)
