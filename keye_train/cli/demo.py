@@ -47,13 +47,18 @@ def run(command: list[str], *, log_file: Path) -> None:
         raise SystemExit(f"demo step failed (exit {result.returncode}); last lines of {log_file}:\n{tail}")
 
 
-def train_stage(name: str, recipe: str, overrides: list[str], *, out: Path, nproc: int, port: int) -> None:
+def train_stage(
+    name: str, recipe: str, overrides: list[str], *, out: Path, nproc: int, port: int | None
+) -> None:
+    # Without --port, --standalone lets the rendezvous bind a free port itself: the demo never collides
+    # with another job on the machine (or a second demo, or the test suite running it).
+    rendezvous = ["--standalone"] if port is None else [f"--master_port={port}"]
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        *rendezvous,
         f"--nproc_per_node={nproc}",
-        f"--master_port={port}",
         "-m",
         "keye_train.cli.train",
         f"recipe={recipe}",
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seq", type=int, default=1024, help="packed sequence length (stage 3 would be 128K)"
     )
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--port", type=int, default=29650)
+    parser.add_argument(
+        "--port", type=int, default=None, help="first master port (one per stage); default: a free port"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             common + layout_args + init + extra,
             out=out,
             nproc=args.nproc,
-            port=args.port + index,
+            port=None if args.port is None else args.port + index,
         )
         layouts[name] = layout
 

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    demo_main(["--out", str(out), "--steps", "10", "--samples", "60", "--seq", "512", "--port", "29760"])
+    demo_main(["--out", str(out), "--steps", "10", "--samples", "60", "--seq", "512"])
     return out
 
 
