@@ -3,7 +3,8 @@ file; torchrun's error file so the launcher names the root cause (torch.distribu
 
 An error every rank hits alike (a bad config, a refused resume) is printed by rank 0 only: the other
 ranks stay silent and give the launcher a moment to stop them, so the operator reads it once. Any other
-error of a rank other than 0 is printed unless rank 0 logged the very same line during this run.
+error is printed by the lowest rank that hit it: a rank stays silent when a lower rank logged the very
+same line during this run (several ranks reading the same bad file print it once, not once per rank).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from keye_train.checkpoint.verify import root_os_error
 LOG_DIR = "logs"  # under run_dir: error-rank<N>.log holds the traceback of a failed rank
 # Ranks other than 0 wait this long for the launcher to stop them after an error that rank 0 reports.
 FOLLOWER_GRACE_S = 30.0
-# A rank other than 0 waits this long for rank 0's log before printing its own line: when rank 0 failed
-# with the same message (a bug, a bad file every rank reads), the operator reads it once.
+# A rank other than 0 waits this long for lower ranks' logs before printing its own line: when one of them
+# failed with the same message (a bug, a bad file several ranks read), the operator reads it once.
 SAME_ERROR_WAIT_S = 3.0
 _STARTED = time.time()
 
@@ -89,21 +90,27 @@ def report_failure(exc: BaseException, *, run_dir: str | None, prefix: str = "ke
     log_path = write_traceback(exc, run_dir=run_dir)
     with contextlib.suppress(OSError):
         get_error_handler().record_exception(exc)  # torchrun's error file, when it set one
-    if rank != 0 and run_dir and _rank0_failed_alike(exc, run_dir=run_dir):
-        return 1  # rank 0 prints the same line; this rank's traceback is in its log all the same
+    if rank != 0 and run_dir and _lower_rank_failed_alike(exc, run_dir=run_dir, rank=rank):
+        return 1  # a lower rank prints the same line; this rank's traceback is in its log all the same
     where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{prefix}: error{where}: {one_line(exc)} (traceback: {log_path})", file=sys.stderr, flush=True)
     return 1
 
 
-def _rank0_failed_alike(exc: BaseException, *, run_dir: str) -> bool:
-    """Whether rank 0 logged the same one-line error during this run (within SAME_ERROR_WAIT_S)."""
-    log = Path(run_dir) / LOG_DIR / "error-rank0.log"
+def _lower_rank_failed_alike(exc: BaseException, *, run_dir: str, rank: int) -> bool:
+    """Whether a rank below `rank` logged the same one-line error during this run (within
+    SAME_ERROR_WAIT_S). Only the logs present are read: a rank that has not failed has none."""
+    line = one_line(exc)
     deadline = time.monotonic() + SAME_ERROR_WAIT_S
     while True:
-        with contextlib.suppress(OSError):
-            if log.stat().st_mtime >= _STARTED:  # not a log of an earlier run
-                return log.read_text().split("\n", 1)[0] == one_line(exc)
+        # One directory listing per poll, not a stat per lower rank: thousands of ranks may be polling.
+        for log in (Path(run_dir) / LOG_DIR).glob("error-rank*.log"):
+            other = log.stem.removeprefix("error-rank")
+            if not other.isdigit() or int(other) >= rank:
+                continue
+            with contextlib.suppress(OSError):
+                if log.stat().st_mtime >= _STARTED and log.read_text().split("\n", 1)[0] == line:
+                    return True  # (an older log is an earlier run's)
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)

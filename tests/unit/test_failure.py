@@ -39,3 +39,21 @@ def test_the_same_error_on_two_ranks_is_printed_once(tmp_path, monkeypatch, caps
     for rank in (0, 1):
         text = (tmp_path / "logs" / f"error-rank{rank}.log").read_text()
         assert "Traceback (most recent call last)" in text and "ValueError" in text
+
+
+def test_the_same_error_on_two_ranks_other_than_0_is_printed_once(tmp_path, monkeypatch, capsys):
+    """Ranks 1 and 3 read the same bad file while rank 0 is fine: rank 1 prints, rank 3 stays silent,
+    and an older log of an earlier run does not silence anyone."""
+    monkeypatch.setattr(failure, "SAME_ERROR_WAIT_S", 0.3)
+    stale = tmp_path / "logs" / "error-rank2.log"
+    stale.parent.mkdir()
+    stale.write_text("bad shard y.tar\n")
+    os.utime(stale, (failure._STARTED - 60, failure._STARTED - 60))
+    assert _raise_and_report(ValueError("bad shard x.tar"), tmp_path, monkeypatch, rank=1) == 1
+    assert _raise_and_report(ValueError("bad shard x.tar"), tmp_path, monkeypatch, rank=3) == 1
+    assert _raise_and_report(ValueError("bad shard y.tar"), tmp_path, monkeypatch, rank=4) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("keye-train: error on rank 1: bad shard x.tar")
+    assert err[1].startswith("keye-train: error on rank 4: bad shard y.tar")
+    assert (tmp_path / "logs" / "error-rank3.log").read_text().startswith("bad shard x.tar\n")

@@ -55,10 +55,11 @@ class Drawn:
 class GlobalOrder:
     """Per source a seeded permutation of its (shard, entry) pairs each epoch, mixed to the target shares.
 
-    The mixture uses predicted tokens (or sample counts when the manifest gives weights) and the lag rule
-    of data/plan/mixture.py. The position is an epoch plus one cursor per source; `bases` are the cursors at
-    which the current shares took effect (the lag counts from there), so a new stage with new shares
-    continues every source at its own cursor. The state never depends on workers or DP size.
+    The mixture uses predicted tokens (or sample counts when the manifest gives weights) and draws the
+    source whose next sample is due first (`_due`). The position is an epoch plus one cursor per source;
+    `bases` are the cursors at which the current shares took effect (the due-time clock counts from
+    there), so a new stage with new shares continues every source at its own cursor. The state never
+    depends on workers or DP size.
     """
 
     def __init__(
