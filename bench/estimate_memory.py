@@ -91,6 +91,7 @@ def _run(name: str, mode: str, queue) -> None:
     from keye_train.distributed.parallelize import ParallelConfig, parallelize
     from keye_train.distributed.precision import autocast
     from keye_train.models.keye import build_model
+    from keye_train.testing.packed_row import row_loss_backward
 
     if mode == "runtime":
         mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
@@ -106,15 +107,7 @@ def _run(name: str, mode: str, queue) -> None:
         parallelize(model, dims=ParallelDims(world_size=1), cfg=ParallelConfig(), precision=mode)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         for _ in range(2):
-            loss_sum, count = model(
-                batch["input_ids"],
-                position_ids=batch["position_ids"],
-                cu_seqlens=batch["cu_seqlens"],
-                pixel_values=batch["pixel_values"],
-                grid_thw=batch["grid_thw"],
-                labels=batch["labels"],
-            )
-            (loss_sum / count).backward()
+            row_loss_backward(model, batch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     queue.put(_peak_rss())

@@ -44,7 +44,7 @@ from keye_train.distributed.precision import configure_matmul
 from keye_train.models.attention import auto_backend, packed_attention
 from keye_train.models.configs import KeyeConfig, LanguageConfig, ProjectorConfig, VisionConfig, tiny
 from keye_train.models.keye import build_model
-from keye_train.testing.packed_row import packed_row
+from keye_train.testing.packed_row import packed_row, row_loss_backward
 
 ATTENTION_BACKENDS = ("sdpa", "varlen", "flex", "flash")
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}  # max |out - ref| / max |ref| (TF32 / bf16 rounding)
@@ -150,21 +150,13 @@ def train_variant(
     for step in range(steps + 1):  # step 0 warms up (compilation, allocator)
         _sync(device)
         started = time.perf_counter()
-        loss_sum, count = model(
-            inputs["input_ids"],
-            position_ids=inputs["position_ids"],
-            cu_seqlens=inputs["cu_seqlens"],
-            pixel_values=inputs["pixel_values"],
-            grid_thw=inputs["grid_thw"],
-            labels=inputs["labels"],
-        )
-        (loss_sum / count).backward()
+        loss = row_loss_backward(model, inputs)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         if step:
             times.append(time.perf_counter() - started)
-        losses.append((loss_sum / count).item())
+        losses.append(loss.item())
     step_s = sorted(times)[len(times) // 2]
     flops = packed_batch_flops(
         cfg, cu_seqlens=batch["cu_seqlens"].tolist(), grid_thw=batch["grid_thw"].tolist()

@@ -296,9 +296,9 @@ def memory_per_rank(
     llm_ckpt = in_flight * layers_per_stage * compute * lm.hidden_size * tokens + act["decoder"] * tokens
     # The chunked loss on the last stage: one chunk's logits (compute dtype, then the fp32 upcast), the
     # log-softmax cross entropy keeps and the fp32 gradient; vocab-sharded over tp. The pipeline's last
-    # stage still computes the loss on whole microbatch logits (distributed/pipeline.py).
+    # stage computes the same chunked loss inside its forward (distributed/pipeline.py).
     rows = workload.seq_len / layout.cp
-    chunk = rows if layout.pp > 1 or loss_chunk_tokens <= 0 else min(loss_chunk_tokens, rows)
+    chunk = rows if loss_chunk_tokens <= 0 else min(loss_chunk_tokens, rows)
     upcast = 4 if precision == "bf16" else 0
     out["logits_and_loss"] = (compute + upcast + 4 + 4) * lm.vocab_size / layout.tp * chunk
     out["activations_no_ac"] = llm_full + vit_full

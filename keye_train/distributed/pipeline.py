@@ -11,9 +11,15 @@ along the batch dimension):
   keyword inputs of its own `step` call: each PP rank has the batch's small metadata, so nothing beyond
   the hidden states crosses the stage boundary and no integer tensor enters the P2P gradient traffic.
   cu_seqlens is variable-length, so each stage recomputes it per microbatch from the document ids.
-- the last stage gets `labels` (B, S) as the schedule's target; the loss is the summed token cross
-  entropy divided by the number of target tokens of the whole global batch (`loss_kwargs`), so the
-  microbatch losses of all DP replicas add up to the single-process mean loss.
+- every stage also gets `labels` (B, S) as a keyword input (the others ignore it): the last stage's
+  forward computes the LM head's chunked cross entropy (`models/lm_head.py`) and returns the summed
+  loss of its microbatch, a scalar, instead of logits. Computing the loss in a `loss_fn` over returned
+  logits would hold the microbatch's whole [tokens x vocab] fp32 logits, their log-softmax and their
+  gradient; inside the stage's forward the head runs chunk by chunk, and the FSDP / TP hooks of the stage
+  still wrap the head weight's use. The schedule's loss_fn only divides that sum by the number of
+  target tokens of the whole global batch (`loss_kwargs`), so the microbatch losses of all DP replicas
+  add up to the single-process mean loss. The labels also travel as the schedule's target, which the
+  schedule requires on the last stage but the loss no longer reads.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.models.language import Qwen3Model
-from keye_train.train.loss import token_cross_entropy
 
 # schedule name -> (torch class, stage placement over pp ranks)
 SCHEDULES = {
@@ -160,12 +165,13 @@ def visual_slots(
     return dense.masked_scatter(is_visual[..., None], visual_embeds)
 
 
-def normalised_token_loss(logits: Tensor, labels: Tensor, *, num_target_tokens: int | Tensor) -> Tensor:
-    """Summed cross entropy of one microbatch divided by the global batch's target tokens."""
-    loss_sum, _ = token_cross_entropy(logits, labels)
-    if isinstance(loss_sum, DTensor):
-        # Vocab-parallel logits (TP loss_parallel): the summed loss is already reduced over tp.
-        loss_sum = loss_sum.to_local()
+def normalised_stage_loss(loss_sum: Tensor, target: Tensor, *, num_target_tokens: int | Tensor) -> Tensor:
+    """The last stage's summed cross entropy of one microbatch divided by the global batch's target tokens.
+
+    `target` (the microbatch's labels) is unused: the stage already computed the chunked loss from the
+    labels it got as a keyword input. Under TP the head hands back a plain tensor, already reduced over tp.
+    """
+    del target
     return loss_sum / num_target_tokens
 
 
@@ -175,7 +181,8 @@ class DecoderStage(nn.Module):
     `self.model` is a Qwen3Model holding (references to) this stage's layers under their global keys, the
     token embedding on the first stage and the final norm on the last (None elsewhere), so whatever
     parallelises a whole model (TP plans, FSDP, hooks on `model.model`) applies to a stage unchanged.
-    The first stage also splices the visual embeddings; the last applies lm_head.
+    The first stage also splices the visual embeddings; the last applies lm_head, with labels as the
+    chunked loss (whose `chunk_tokens` is the shared head's, i.e. the run's `loss.chunk_tokens`).
     """
 
     def __init__(self, model: nn.Module, *, layer_ids: Sequence[int], first: bool, last: bool) -> None:
@@ -192,8 +199,11 @@ class DecoderStage(nn.Module):
         self.model.norm = decoder.norm if last else None
         self.lm_head = model.lm_head if last else None
 
-    def forward(self, *inputs: Tensor, position_ids: Tensor, document_ids: Tensor) -> Tensor:
-        """First stage: (input_ids, visual) -> hidden; middle: hidden -> hidden; last: ... -> logits."""
+    def forward(
+        self, *inputs: Tensor, position_ids: Tensor, document_ids: Tensor, labels: Tensor | None = None
+    ) -> Tensor:
+        """First stage: (input_ids, visual) -> hidden; middle: hidden -> hidden; last: ... -> the summed
+        cross entropy over the labels' target tokens (a scalar), or logits when no labels are given."""
         if self.first:
             input_ids, visual = inputs
             hidden = self.model.embed_tokens(input_ids)
@@ -203,7 +213,14 @@ class DecoderStage(nn.Module):
             (hidden,) = inputs
         cu_seqlens = cu_seqlens_from_document_ids(document_ids)
         hidden = self.model(hidden, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        return self.lm_head(hidden) if self.last else hidden
+        if not self.last:
+            return hidden
+        if labels is None:
+            return self.lm_head(hidden)
+        # The head's own forward runs the chunked loss, so no [tokens x vocab] logits exist (lm_head.py);
+        # the count is not needed here: loss_fn divides by the global batch's target tokens.
+        loss_sum, _ = self.lm_head(hidden, labels=labels)
+        return loss_sum
 
 
 @dataclass
@@ -267,6 +284,8 @@ class Pipeline:
         kwargs = {
             "position_ids": batch["position_ids"],
             "document_ids": document_ids_from_cu_seqlens(batch["cu_seqlens"], batch=rows, seq_len=seq_len),
+            # The last stage computes its loss from these in its forward (the module docstring says why).
+            "labels": batch["labels"],
         }
         args: tuple[Tensor, ...] = ()
         dense_leaf = None
@@ -279,8 +298,8 @@ class Pipeline:
             dense_leaf = dense.detach().requires_grad_(dense.requires_grad)
             args = (input_ids, dense_leaf)
         losses: list[Tensor] = []
-        # Vocab-sharded logits need their cross entropy and its backward inside loss_parallel; the
-        # schedule runs both, so the whole step goes inside.
+        # Vocab-sharded chunk logits need their cross entropy and its backward (the chunks' recompute)
+        # inside loss_parallel; the schedule runs both, so the whole step goes inside.
         run = self.schedule.step if backward else self.schedule.eval
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             run(
@@ -309,7 +328,7 @@ def build_pipeline(
     schedule: str = "1f1b",
     microbatches: int,
     virtual_stages: int = 1,
-    loss_fn: LossFn = normalised_token_loss,
+    loss_fn: LossFn = normalised_stage_loss,
     parallelize_stage: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Pipeline:
     """Cut `model`'s decoder into pp * virtual_stages stages, keep this rank's, wrap them in a schedule.
@@ -343,7 +362,11 @@ def build_pipeline(
             module = parallelize_stage(module)
         modules.append(module)
         wrapped.append(PipelineStage(module, stage_id, num_stages, device, group=pp_group))
-    chunking = {"position_ids": TensorChunkSpec(1), "document_ids": TensorChunkSpec(0)}
+    chunking = {
+        "position_ids": TensorChunkSpec(1),
+        "document_ids": TensorChunkSpec(0),
+        "labels": TensorChunkSpec(0),
+    }
     common = dict(n_microbatches=config.microbatches, loss_fn=loss_fn, kwargs_chunk_spec=chunking)
     if schedule_cls is Schedule1F1B:
         runner = schedule_cls(wrapped[0], scale_grads=False, **common)

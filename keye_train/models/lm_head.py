@@ -11,7 +11,8 @@ only the summation order over chunks differs).
 
 The chunked loss runs inside the head's forward (not around its __call__), so module hooks -- FSDP2's
 unshard/reduce-scatter, the tensor-parallel plan's input/output layouts -- fire once per step as for the
-plain head, and the recomputation in backward uses the weight tensor captured in forward.
+plain head, and the recomputation in backward uses the weight tensor captured in forward. The pipeline's
+last stage calls the head the same way inside its own forward (distributed/pipeline.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""One packed row of a chosen length holding an image, video frames and text (benchmarks, estimates)."""
+"""One packed row of a chosen length holding an image, video frames and text (benchmarks, estimates), and
+the forward + backward of such a batch through the trainer's chunked loss (benchmarks and tests)."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
 
 from keye_train.models.configs import KeyeConfig
 from keye_train.models.keye import position_ids_for
@@ -50,3 +52,25 @@ def packed_row(cfg: KeyeConfig, *, seq_len: int, image_hw: tuple[int, int], vide
         "pixel_values": torch.randn(patches, 3, patch, patch, generator=g),
         "grid_thw": grid_thw,
     }
+
+
+def row_loss_backward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Forward of a packed batch (a `packed_row` or `toy_packed_batch`, already on the model's device)
+    through `model(..., labels=...)` -- the chunked LM-head loss the trainer computes, no whole logits --
+    and backward of its mean over the target tokens. Returns that mean loss, detached.
+
+    One place for the one-row step of the memory and GPU benches and the world-1 / TP tests, so they
+    measure and compare the same computation; the caller owns the optimizer, the loss context (TP's
+    loss_parallel) and the timing.
+    """
+    loss_sum, count = model(
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        cu_seqlens=batch["cu_seqlens"],
+        pixel_values=batch["pixel_values"],
+        grid_thw=batch["grid_thw"],
+        labels=batch["labels"],
+    )
+    loss = loss_sum / count
+    loss.backward()
+    return loss.detach()

@@ -32,6 +32,9 @@ STEPS, LR, SEQ_LEN, ROWS = 2, PARITY_LR, 64, 4
 # why not AdamW: microbatching regroups the sums, so round-off differs) within PARAM_ATOL.
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
 LOSS_RTOL = 1e-5
+# The last stage's chunked loss (models/lm_head.py) in uneven chunks: a 2-row microbatch's 128 tokens run as
+# 48 + 48 + 32, a 1-row (or CP-sliced) one's 64 as 48 + 16; the reference is the plain loss on whole logits.
+CHUNK_TOKENS = 48
 
 
 def tiny_layers(num_layers: int):
@@ -109,6 +112,7 @@ def train_pipeline(
     the ViT's are summed here, as the trainer's router does."""
     dims = ParallelDims(world_size=world_size, pp=world_size // (tp * cp * dp), dp_shard=dp, tp=tp, cp=cp)
     model = build_model(cfg, seed=0)
+    model.lm_head.chunk_tokens = CHUNK_TOKENS  # what build_weights sets from loss.chunk_tokens
     per_replica = ROWS // dp
     first_row = dims.dp_rank * per_replica
     batch = stack_packed_rows(

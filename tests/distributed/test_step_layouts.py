@@ -1,11 +1,23 @@
 """The trainer's own steps (`build_train_step`) on 4 ranks under PP2 x CP2, PP2 x TP2, TP2 x DP2 and stage 0
 (DP4, ZeRO-3): the heterogeneous ViT encodes each frame once in the world, and the loss and first-step
-gradients equal the single process on the same global batch (our model run whole, in one process)."""
+gradients equal the single process on the same global batch (our model run whole, in one process). The
+loss is the trainer's chunked one (`loss.chunk_tokens`), on the pipeline's last stage too, against the
+plain loss on whole logits; no rank ever allocates more than one chunk's rows of vocabulary-wide logits."""
 
 import pytest
 import torch
 from harness import run_ranks
-from test_pp import GRAD_ATOL, GRAD_RTOL, LOSS_RTOL, ROWS, SEQ_LEN, full_tensor, global_batch, reference_rows
+from test_pp import (
+    CHUNK_TOKENS,
+    GRAD_ATOL,
+    GRAD_RTOL,
+    LOSS_RTOL,
+    ROWS,
+    SEQ_LEN,
+    full_tensor,
+    global_batch,
+    reference_rows,
+)
 
 from keye_train.checkpoint.dcp import combine_modules
 from keye_train.config.loader import compose_config
@@ -13,8 +25,8 @@ from keye_train.data.batch import IGNORE_INDEX, PackedBatch
 from keye_train.data.loader.pairs import PairBatch
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.models.configs import tiny
-from keye_train.models.keye import build_model
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
+from keye_train.testing.logits_watch import LogitsWatch
 from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.build import build_weights
 from keye_train.train.stages import apply_stage
@@ -47,15 +59,22 @@ def _one_layout(rank, world_size, *, pp, cp, tp):
             "parallel.pipeline.microbatches=2",
             "precision=fp32",
             "parallel.fsdp.zero_stage=2",
+            f"loss.chunk_tokens={CHUNK_TOKENS}",
         ],
     )
     cfg = tiny()
-    model = build_model(cfg, seed=0)
+    # The trainer's own model builder: it hands loss.chunk_tokens to the LM head (shared by the last stage).
+    model, _ = build_weights(train_cfg, cfg, device=torch.device("cpu"))
     apply_stage(model, None, train_cfg.stage)
     step = build_train_step(model, cfg=train_cfg, dims=dims, device=torch.device("cpu"))
     rows = _rows(cfg, dims.dp_rank * per_replica, per_replica)
     count = torch.tensor(float((global_batch(cfg)["labels"] != IGNORE_INDEX).sum()))
-    result = step.forward_backward(rows, global_count=count)
+    vocab = cfg.language.vocab_size
+    # Every allocation of the step, forward and backward: logits wider than one chunk would show here,
+    # whether whole (vocab) or vocabulary-sharded (vocab / tp).
+    with LogitsWatch(widths={vocab, vocab // tp}) as watch:
+        result = step.forward_backward(rows, global_count=count)
+    pipeline = getattr(step, "pipeline", None)
     grads = {
         name: full_tensor(p.grad)
         for name, p in step.checkpointed_model.named_parameters()
@@ -66,6 +85,8 @@ def _one_layout(rank, world_size, *, pp, cp, tp):
         "grads": grads,
         "patches": result.vit_patches,
         "total": result.vit_patches_global,
+        "computes_loss": pipeline is None or pipeline.has_last_stage,
+        "logit_rows": watch.max_rows,
     }
 
 
@@ -173,6 +194,13 @@ def test_trainer_steps_route_the_vit_once_and_match_one_process():
         for r in per_rank:
             assert r["loss"] == pytest.approx(ref_losses[0], rel=LOSS_RTOL), name
             assert r["total"] == total_patches, name
+        # The check sees the chunks' logits (so it can fail), and never more rows than one chunk's.
+        for rank, r in enumerate(per_rank):
+            if r["computes_loss"]:
+                assert 0 < r["logit_rows"] <= CHUNK_TOKENS, (name, rank, r["logit_rows"])
+            else:
+                assert r["logit_rows"] == 0, (name, rank, r["logit_rows"])
+        assert sum(r["computes_loss"] for r in per_rank) == (2 if name.startswith("pp") else 4), name
         patches = [r["patches"] for r in per_rank]
         assert sum(patches) == total_patches, (name, patches)  # each frame encoded exactly once
         assert max(patches) < total_patches, (name, patches)

@@ -13,6 +13,7 @@ from keye_train.distributed.tensor_parallel import (
 )
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.packed_row import row_loss_backward
 from keye_train.testing.toy_batch import toy_packed_batch
 from keye_train.train.loss import token_cross_entropy
 
@@ -87,16 +88,8 @@ def _tp_rank(rank, world_size):
         apply_tensor_parallel(model, tp_mesh=dims.submesh("tp"), sequence_parallel=sp, loss_parallel=lp)
         model.lm_head.chunk_tokens = 24  # 64 tokens: chunks of 24, 24, 16
         with loss_parallel_context(lp):
-            loss_sum, count = model(
-                batch["input_ids"],
-                position_ids=batch["position_ids"],
-                cu_seqlens=batch["cu_seqlens"],
-                pixel_values=batch["pixel_values"],
-                grid_thw=batch["grid_thw"],
-                labels=batch["labels"],
-            )
-            (loss_sum / count).backward()
-        results[("chunked", sp, lp)] = {"loss": (loss_sum / count).item(), "grads": _full_grads(model)}
+            loss = row_loss_backward(model, batch)
+        results[("chunked", sp, lp)] = {"loss": loss.item(), "grads": _full_grads(model)}
     try:  # sequence parallelism refuses a sequence it cannot split evenly, naming the numbers
         model = apply_tensor_parallel(build_model(cfg, seed=0), tp_mesh=dims.submesh("tp"))
         odd = toy_packed_batch(cfg)  # 61 tokens

@@ -9,21 +9,13 @@ from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
+from keye_train.testing.packed_row import row_loss_backward
 from keye_train.testing.toy_batch import toy_packed_batch
 
 
 def _step(model, batch):
-    loss_sum, count = model(
-        batch["input_ids"],
-        position_ids=batch["position_ids"],
-        cu_seqlens=batch["cu_seqlens"],
-        pixel_values=batch["pixel_values"],
-        grid_thw=batch["grid_thw"],
-        labels=batch["labels"],
-    )
-    loss = loss_sum / count
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss = row_loss_backward(model, batch)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _run(cfg: ParallelConfig, *, precision: str = "fp32"):
