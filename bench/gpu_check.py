@@ -14,7 +14,9 @@ real packed-sample and frame lengths, no causal discount, recomputation not coun
 dense bf16 peak (--peak-tflops, default 989 = H100/H200 SXM).
 
 `--smoke` runs the same code on CPU with the tiny model and a 256-token row (a test in the suite, so it
-cannot rot). Usage:
+cannot rot); its compiled variants use the aot_eager backend (the same dynamo graphs and AOT autograd,
+without inductor's C++ code generation, which costs a minute on a cold CPU cache and is tested against
+eager on its own in tests/unit/test_world1_parallelize.py). Usage:
     python bench/gpu_check.py [--smoke] [--out bench/results/gpu_check.json] [--budget-s 420]
 """
 
@@ -39,7 +41,7 @@ from keye_train.distributed.accounting import (
 )
 from keye_train.distributed.activation_checkpoint import ActivationCheckpointConfig
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelConfig, parallelize
+from keye_train.distributed.parallelize import COMPILE_BACKENDS, ParallelConfig, parallelize
 from keye_train.distributed.precision import configure_matmul
 from keye_train.models.attention import auto_backend, packed_attention
 from keye_train.models.configs import KeyeConfig, LanguageConfig, ProjectorConfig, VisionConfig, tiny
@@ -124,6 +126,7 @@ def train_variant(
     device: torch.device,
     *,
     compile: bool,
+    compile_backend: str = "inductor",
     ac: str,
     steps: int,
     peak_tflops: float,
@@ -140,7 +143,9 @@ def train_variant(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, device=device, seed=0)
-    parallel = ParallelConfig(compile=compile, ac=ActivationCheckpointConfig(mode=ac))
+    parallel = ParallelConfig(
+        compile=compile, compile_backend=compile_backend, ac=ActivationCheckpointConfig(mode=ac)
+    )
     parallelize(
         model, dims=ParallelDims(world_size=1, device_type=device.type), cfg=parallel, precision="bf16"
     )
@@ -198,7 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip later variants past this")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument(
+        "--compile-backend", choices=COMPILE_BACKENDS, help="default: inductor, aot_eager with --smoke"
+    )
     args = parser.parse_args(argv)
+    compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     started = time.perf_counter()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     configure_matmul(device.type)
@@ -215,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         else platform.processor() or "cpu",
         "torch": torch.__version__,
         "smoke": args.smoke,
+        "compile_backend": compile_backend,
         "model_params": param_counts(cfg)["total"],
         "row": {"tokens": batch["input_ids"].numel(), "patches": batch["pixel_values"].shape[0]},
         "mfu_convention": __doc__.split("MFU convention: ")[1].split("\n\n")[0].replace("\n", " "),
@@ -228,7 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             result["training"].append(
                 train_variant(
-                    cfg, batch, device, compile=compile, ac=ac, steps=args.steps, peak_tflops=args.peak_tflops
+                    cfg,
+                    batch,
+                    device,
+                    compile=compile,
+                    compile_backend=compile_backend,
+                    ac=ac,
+                    steps=args.steps,
+                    peak_tflops=args.peak_tflops,
                 )
             )
         except Exception as exc:

@@ -83,7 +83,7 @@ def apply_activation_checkpointing(
     return done
 
 
-def apply_compile(model: nn.Module, *, towers: Sequence[str] = TOWERS) -> int:
+def apply_compile(model: nn.Module, *, towers: Sequence[str] = TOWERS, backend: str = "inductor") -> int:
     """torch.compile each block in place (`nn.Module.compile`), keeping names; returns the block count.
 
     Per block rather than whole-model: the blocks are identical so one graph is reused, and FSDP's
@@ -96,9 +96,9 @@ def apply_compile(model: nn.Module, *, towers: Sequence[str] = TOWERS) -> int:
             if getattr(block, "_keye_checkpointed", False):
                 # Static shapes: with automatic dynamic shapes the recomputation can pick another graph
                 # than the forward did and save differently shaped tensors (pytorch/pytorch#166926).
-                inner = torch.compile(block._keye_inner_forward, dynamic=False)
+                inner = torch.compile(block._keye_inner_forward, dynamic=False, backend=backend)
                 block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
             else:
-                block.compile()
+                block.compile(backend=backend)
             count += 1
     return count

@@ -22,6 +22,7 @@ from keye_train.distributed.precision import autocast_method, check_precision, m
 from keye_train.distributed.tensor_parallel import TensorParallelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass
@@ -40,13 +41,20 @@ class ParallelConfig:
     context: ContextParallelConfig = field(default_factory=ContextParallelConfig)  # with cp > 1
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # with pp > 1
     ac: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
-    compile: bool = False  # torch.compile each ViT / decoder block (inductor)
+    compile: bool = False  # torch.compile each ViT / decoder block
+    # inductor (generates kernels: the fast path); aot_eager / eager trace the same graphs without code
+    # generation, to tell a compiler problem from a model problem (and for quick CPU smoke runs).
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"parallel.device={self.device!r} must be one of {DEVICES}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"parallel.compile={self.compile!r} must be a bool")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"parallel.compile_backend={self.compile_backend!r} must be one of {COMPILE_BACKENDS}"
+            )
 
 
 def apply_local(
@@ -57,7 +65,7 @@ def apply_local(
     check_precision(precision)
     apply_activation_checkpointing(model, mode=cfg.ac.mode, every=cfg.ac.every, towers=towers)
     if cfg.compile:
-        apply_compile(model, towers=towers)
+        apply_compile(model, towers=towers, backend=cfg.compile_backend)
     return model
 
 

@@ -262,23 +262,6 @@ def _cp_ranks(rank, world_size):
     return out
 
 
-@pytest.mark.dist
-def test_ulysses_cp2_and_dp2_cp2_match_single_process():
-    cfg = tiny()
-    ref_cp = _reference(toy_packed_batch(cfg, seed=0, seq_len=SEQ_LEN))
-    harness_losses, harness_params = reference_run(cfg, steps=STEPS, lr=LR, seq_len=SEQ_LEN)
-    assert ref_cp["losses"] == pytest.approx(harness_losses, rel=1e-6)  # same reference as the harness's
-    ref_union = _reference(_union_batch(cfg, seeds=(0, 1)))
-    results = run_ranks(_cp_ranks, world_size=4)
-    for rank, result in enumerate(results):
-        _assert_matches(result["cp2"], ref_cp, f"CP2 rank {rank}")
-        _assert_matches(result["dp2_cp2"], ref_union, f"DP2xCP2 rank {rank}")
-        assert result["wrong_positions_delta"] > 1e-3, rank
-        assert "cp_impl='ring' needs CUDA" in result["ring_on_cpu"], rank
-    # The two references differ by far more than the tolerance: the DP union is really checked.
-    assert abs(ref_union["losses"][0] - ref_cp["losses"][0]) > 1e-3
-
-
 def _wide_heads():
     """tiny() with 8 query / 4 KV heads, so that tp*cp = 4 divides both."""
     cfg = tiny()
@@ -322,9 +305,26 @@ def _tp_cp_ranks(rank, world_size):
     return {"losses": losses, "grads": grads, "params": {n: _full(p) for n, p in model.named_parameters()}}
 
 
+def _all_cp_ranks(rank, world_size):
+    """Both four-rank groups of layouts in one spawn (each spawn costs four interpreters' start-up)."""
+    return {"cp": _cp_ranks(rank, world_size), "tp_cp": _tp_cp_ranks(rank, world_size)}
+
+
 @pytest.mark.dist
-def test_tp2_cp2_composes_and_matches_single_process():
-    cfg = _wide_heads()
-    ref = _reference(toy_packed_batch(cfg, seed=0, seq_len=SEQ_LEN), cfg=cfg)
-    for rank, result in enumerate(run_ranks(_tp_cp_ranks, world_size=4)):
-        _assert_matches(result, ref, f"TP2xCP2 rank {rank}")
+def test_ulysses_cp2_dp2_cp2_and_tp2_cp2_match_single_process():
+    cfg = tiny()
+    ref_cp = _reference(toy_packed_batch(cfg, seed=0, seq_len=SEQ_LEN))
+    harness_losses, harness_params = reference_run(cfg, steps=STEPS, lr=LR, seq_len=SEQ_LEN)
+    assert ref_cp["losses"] == pytest.approx(harness_losses, rel=1e-6)  # same reference as the harness's
+    ref_union = _reference(_union_batch(cfg, seeds=(0, 1)))
+    wide = _wide_heads()
+    ref_tp_cp = _reference(toy_packed_batch(wide, seed=0, seq_len=SEQ_LEN), cfg=wide)
+    results = run_ranks(_all_cp_ranks, world_size=4)
+    for rank, result in enumerate(results):
+        _assert_matches(result["cp"]["cp2"], ref_cp, f"CP2 rank {rank}")
+        _assert_matches(result["cp"]["dp2_cp2"], ref_union, f"DP2xCP2 rank {rank}")
+        assert result["cp"]["wrong_positions_delta"] > 1e-3, rank
+        assert "cp_impl='ring' needs CUDA" in result["cp"]["ring_on_cpu"], rank
+        _assert_matches(result["tp_cp"], ref_tp_cp, f"TP2xCP2 rank {rank}")
+    # The two references differ by far more than the tolerance: the DP union is really checked.
+    assert abs(ref_union["losses"][0] - ref_cp["losses"][0]) > 1e-3

@@ -239,27 +239,3 @@ def test_reference_is_sensitive_to_the_split(ref):
     other = train(model, [toy_packed_batch(cfg, seed=s) for s in (0, 0, 2, 3)])
     with pytest.raises(AssertionError):
         assert_matches(other, ref)
-
-
-@pytest.mark.slow
-def test_checkpointing_and_compile_keep_names_and_gradients():
-    """Single process: full AC + per-block torch.compile give the eager gradients, under the same names."""
-    from keye_train.distributed.activation_checkpoint import apply_activation_checkpointing, apply_compile
-
-    cfg = tiny()
-    batch = toy_packed_batch(cfg, seed=0)
-    eager, wrapped = build_model(cfg, seed=0), build_model(cfg, seed=0)
-    assert apply_activation_checkpointing(wrapped, mode="full") == [
-        "vision.0",
-        "vision.1",
-        "language.0",
-        "language.1",
-    ]
-    assert apply_compile(wrapped) == 4
-    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in eager.named_parameters()]
-    for model in (eager, wrapped):
-        loss_sum, count = _forward_sum(model, batch)
-        (loss_sum / count).backward()
-    for (name, p), q in zip(eager.named_parameters(), wrapped.parameters()):
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL, msg=name)

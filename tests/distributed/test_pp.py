@@ -214,23 +214,10 @@ def test_pp2_schedules_match_single_process():
         assert (moved[name] - initial[name]).abs().max() > 10 * PARAM_ATOL, name
 
 
-def _tp2_pp2_rank(rank, world_size):
-    return train_pipeline(
-        rank, world_size, cfg=tiny(), schedule="1f1b", microbatches=2, virtual_stages=1, tp=2
-    )
-
-
-@pytest.mark.dist
-def test_tp2_x_pp2_matches_single_process():
-    results = run_ranks(_tp2_pp2_rank, world_size=4)
-    # Mesh order (pp, ..., tp): ranks 0, 1 hold stage 0 (tp peers), ranks 2, 3 stage 1.
-    assert [r["layers"] for r in results] == [[["0"]], [["0"]], [["1"]], [["1"]]]
-    assert_matches_reference(results, reference_rows(tiny()), what="tp2 x pp2")
-
-
-# Four ranks, each stage parallelised by the trainer's `parallelize`: the stage-3 recipe's Ulysses CP
-# (FSDP over the CP peers), and DP2 with FSDP ZeRO-1 and ZeRO-3 inside the stages.
+# Four ranks (one spawn for all), each stage parallelised by the trainer's `parallelize`: TP2 inside the
+# stages, the stage-3 recipe's Ulysses CP (FSDP over the CP peers), and DP2 with FSDP ZeRO-1 and ZeRO-3.
 SHARDED_LAYOUTS = {
+    "pp2_tp2": dict(tp=2),
     "pp2_cp2_zero1": dict(cp=2, zero_stage=1),
     "pp2_dp2_zero1": dict(dp=2, zero_stage=1),
     "pp2_dp2_zero3": dict(dp=2, zero_stage=3),
@@ -247,12 +234,13 @@ def _sharded_rank(rank, world_size):
 
 
 @pytest.mark.dist
-def test_pp2_with_cp2_or_fsdp_dp2_matches_single_process():
+def test_pp2_with_tp2_cp2_or_fsdp_dp2_matches_single_process():
     results = run_ranks(_sharded_rank, world_size=4)
     reference = reference_rows(tiny())
     for name in SHARDED_LAYOUTS:
         per_rank = [r[name] for r in results]
-        # Mesh order (pp, dp_replicate, dp_shard, cp, tp): ranks 0, 1 hold stage 0, ranks 2, 3 stage 1.
+        # Mesh order (pp, dp_replicate, dp_shard, cp, tp): ranks 0, 1 hold stage 0 (dp, cp or tp peers),
+        # ranks 2, 3 stage 1.
         assert [r["layers"] for r in per_rank] == [[["0"]], [["0"]], [["1"]], [["1"]]], name
         assert_matches_reference(per_rank, reference, what=name)
 

@@ -34,6 +34,49 @@ def synthetic(tmp_path_factory):
     return summary
 
 
+# Stage-2 runs that several e2e files compare against each other, each layout launched once per session:
+# the same global batch of 2 packed rows per step in every layout, evaluated every 2 steps.
+LAYOUT_STEPS = 4
+LAYOUTS = {
+    "single": (1, ["parallel=single", "data.microbatches=2"]),
+    "dp2": (2, ["parallel.dp_shard=2", "data.microbatches=1"]),
+    "tp2": (2, ["parallel.tp=2", "parallel.dp_shard=1", "data.microbatches=2"]),
+    "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1", "data.microbatches=2"]),
+    "pp2": (
+        2,
+        ["parallel.pp=2", "parallel.dp_shard=1", "data.microbatches=2", "parallel.pipeline.microbatches=2"],
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def layout_run(synthetic, tmp_path_factory):
+    """layout_run(name) -> the run_dir of LAYOUTS[name]'s stage-2 run (trained on first use)."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            run_dir = tmp_path_factory.mktemp(f"layout_{name}")
+            nproc, layout = LAYOUTS[name]
+            overrides = [
+                "recipe=stage2_multitask",
+                f"run_dir={run_dir}",
+                f"steps={LAYOUT_STEPS}",
+                f"schedule.total_steps={LAYOUT_STEPS}",
+                f"data.manifest={synthetic['manifest']}",
+                f"data.eval_manifest={synthetic['manifest']}",
+                "data.eval_interval=2",
+                "data.eval_batches=2",
+                "checkpoint.interval_steps=100",
+                *layout,
+            ]
+            train(nproc=nproc, overrides=overrides)
+            done[name] = run_dir
+        return done[name]
+
+    return get
+
+
 def train_command(*, nproc: int, port: int = 0, overrides: list[str]) -> list[str]:
     """`port` is ignored (kept for callers): --standalone lets the rendezvous bind a free port itself, so
     runs never collide with another test, another suite on the machine or a leftover process."""

@@ -1,6 +1,7 @@
 """Resume exactness: SIGTERM + resume reproduces an uninterrupted run, also under another layout."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -10,6 +11,8 @@ from conftest import COMMON, metrics, run_env, train, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 STEPS = 6
+# DP2, one packed row per rank; peak_tflops=1 keeps the logged MFU of the tiny model well above 0.
+DP2 = ["data.microbatches=1", "peak_tflops=1"]
 
 
 def base(synthetic, run_dir, *extra):
@@ -60,9 +63,35 @@ def test_sigterm_then_resume_is_bitwise_identical(synthetic, tmp_path):
 
 @pytest.fixture(scope="module")
 def dp2_reference(synthetic, tmp_path_factory):
+    """The uninterrupted DP2 run (1 packed row per rank) every resume below must reproduce."""
     run_dir = tmp_path_factory.mktemp("dp2") / "run"
-    train(nproc=2, port=29711, overrides=base(synthetic, run_dir, "data.microbatches=1"))
+    train(nproc=2, overrides=base(synthetic, run_dir, *DP2))
     return metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def dp2_saved(synthetic, tmp_path_factory):
+    """The same run stopped after 3 steps (its final checkpoint); each test resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("dp2_saved") / "run"
+    train(nproc=2, overrides=base(synthetic, run_dir, "steps=3", *DP2))
+    return run_dir
+
+
+def _resumable_copy(dp2_saved, tmp_path):
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(dp2_saved, run_dir)
+    return run_dir
+
+
+def _assert_reproduces(resumed, reference, *, exact: bool):
+    assert sorted(resumed) == list(range(STEPS))
+    for step in range(STEPS):
+        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
+        expected = reference[step]["loss"]
+        if exact:
+            assert resumed[step]["loss"] == expected, f"step {step}"
+        else:
+            assert resumed[step]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), f"step {step}"
 
 
 # layout -> (processes, overrides); each resumed layout trains the same global batch of 2 packed rows.
@@ -78,63 +107,32 @@ RESUMED_LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(RESUMED_LAYOUTS))
-def test_resume_under_another_layout(synthetic, dp2_reference, tmp_path, layout):
+def test_resume_under_another_layout(synthetic, dp2_reference, dp2_saved, tmp_path, layout):
     """Saved at DP2 (1 packed row per rank), resumed at TP2, PP2 or PP2 x CP2 (the same global batch)."""
-    run_dir = tmp_path / "switch"
-    train(nproc=2, port=29712, overrides=base(synthetic, run_dir, "steps=3", "data.microbatches=1"))
+    run_dir = _resumable_copy(dp2_saved, tmp_path)
     nproc, overrides = RESUMED_LAYOUTS[layout]
-    train(nproc=nproc, port=29713, overrides=base(synthetic, run_dir, *overrides))
-    resumed = metrics(run_dir)
-    assert sorted(resumed) == list(range(STEPS))
-    for step in range(STEPS):
-        assert resumed[step]["step_hash"] == dp2_reference[step]["step_hash"], f"step {step}"
-        expected = dp2_reference[step]["loss"]
-        assert resumed[step]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6), f"step {step}"
+    train(nproc=nproc, overrides=base(synthetic, run_dir, *overrides))
+    _assert_reproduces(metrics(run_dir), dp2_reference, exact=False)
 
 
-def test_indexed_loader_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
-    """The topology-aware loader: planned steps continue exactly after a resume (same keys, same losses)."""
-    indexed = ["data.loader=indexed", "data.microbatches=1", "peak_tflops=1"]
-    train(nproc=2, port=29721, overrides=base(synthetic, tmp_path / "full", *indexed))
-    reference = metrics(tmp_path / "full")
-    run_dir = tmp_path / "resumed"
-    train(nproc=2, port=29722, overrides=base(synthetic, run_dir, "steps=3", *indexed))
-    train(nproc=2, port=29723, overrides=base(synthetic, run_dir, *indexed))
+def test_resume_in_the_same_layout_is_bitwise_identical(synthetic, dp2_reference, dp2_saved, tmp_path):
+    """The planned loader: steps continue exactly after a resume (same keys, same losses, bit for bit)."""
+    run_dir = _resumable_copy(dp2_saved, tmp_path)
+    train(nproc=2, overrides=base(synthetic, run_dir, *DP2))
     resumed = metrics(run_dir)
-    assert sorted(resumed) == list(range(STEPS))
+    _assert_reproduces(resumed, dp2_reference, exact=True)
     for step in range(STEPS):
-        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
-        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
         assert resumed[step]["plan_max_over_mean"] >= resumed[step]["plan_lower_bound"]
         assert resumed[step]["mfu"] > 0
 
 
-def test_indexed_loader_feeds_the_pipeline_like_one_process(synthetic, tmp_path):
-    """PP2 on the topology-aware loader: only stage 0 loads and holds pixels; the heterogeneous ViT ships
-    the pixels of the items it gives the other stage. Same samples and losses as one process."""
-    indexed = ["data.loader=indexed", "data.microbatches=2"]
-    train(overrides=base(synthetic, tmp_path / "single", *indexed, "parallel=single"))
-    reference = metrics(tmp_path / "single")
-    pipeline = ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pipeline.microbatches=2"]
-    train(nproc=2, port=29724, overrides=base(synthetic, tmp_path / "pp2", *indexed, *pipeline))
-    pp2 = metrics(tmp_path / "pp2")
-    assert sorted(pp2) == sorted(reference) == list(range(STEPS))
-    for step in range(STEPS):
-        assert pp2[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
-        assert pp2[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5, abs=1e-6), f"step {step}"
-    # Both ranks encoded images on some step: stage 1 had no pixels of its own, so they were shipped.
-    assert any(min(pp2[step]["vit_patches"]) > 0 for step in range(STEPS))
-
-
-def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthetic, tmp_path):
+def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthetic, dp2_reference, tmp_path):
     """kill -9 of the whole job (no chance to checkpoint); the resume restarts from the last complete
     checkpoint, redoes the lost steps, and every step consumes the samples of the uninterrupted run."""
-    indexed = ["data.loader=indexed", "data.microbatches=1", "checkpoint.interval_steps=2"]
-    train(nproc=2, port=29731, overrides=base(synthetic, tmp_path / "full", *indexed))
-    reference = metrics(tmp_path / "full")
+    every_2 = [*DP2, "checkpoint.interval_steps=2"]
 
     run_dir = tmp_path / "killed"
-    command = train_command(nproc=2, port=29732, overrides=base(synthetic, run_dir, *indexed) + COMMON)
+    command = train_command(nproc=2, overrides=base(synthetic, run_dir, *every_2) + COMMON)
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), start_new_session=True
     )
@@ -147,10 +145,6 @@ def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthet
     killed_at = max(metrics(run_dir))
     assert killed_at < STEPS - 1, "the run finished before the kill: nothing was resumed"
 
-    output = train(nproc=2, port=29733, overrides=base(synthetic, run_dir, *indexed))
+    output = train(nproc=2, overrides=base(synthetic, run_dir, *every_2))
     assert "resumed at step" in output
-    resumed = metrics(run_dir)
-    assert sorted(resumed) == list(range(STEPS))
-    for step in range(STEPS):
-        assert resumed[step]["step_hash"] == reference[step]["step_hash"], f"step {step}"
-        assert resumed[step]["loss"] == reference[step]["loss"], f"step {step}"
+    _assert_reproduces(metrics(run_dir), dp2_reference, exact=True)

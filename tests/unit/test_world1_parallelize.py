@@ -4,7 +4,7 @@ and the step equals eager; bf16 autocast wraps the forward with fp32 master weig
 import pytest
 import torch
 
-from keye_train.distributed.activation_checkpoint import ActivationCheckpointConfig
+from keye_train.distributed.activation_checkpoint import ActivationCheckpointConfig, transformer_blocks
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelConfig, parallelize
 from keye_train.models.configs import tiny
@@ -35,11 +35,19 @@ def test_compile_with_inductor_and_ac_equal_eager_at_world_1():
     torch._dynamo.reset()
     _, eager = _run(ParallelConfig())
     compiled_model, compiled = _run(ParallelConfig(compile=True, ac=ActivationCheckpointConfig(mode="full")))
-    layer = compiled_model.model.layers["0"]
-    assert getattr(layer, "_keye_checkpointed", False)  # AC applied without FSDP
-    # compiled: the checkpoint runs a torch.compile'd inner forward (inductor, the default backend)
-    assert layer.forward.args[0] is not layer._keye_inner_forward
+    blocks = [b for tower in transformer_blocks(compiled_model).values() for b in tower]
+    assert len(blocks) == 4 and all(getattr(b, "_keye_checkpointed", False) for b in blocks)  # AC, no FSDP
+    # compiled: each checkpoint runs a torch.compile'd inner forward (inductor, the default backend)
+    assert all(b.forward.args[0] is not b._keye_inner_forward for b in blocks)
+    # The wrappers keep every parameter's name (checkpoints and optimizer state are keyed by them).
+    names = [n for n, _ in build_model(tiny(), seed=0).named_parameters()]
+    assert [n for n, _ in compiled_model.named_parameters()] == names
     _assert_same(compiled, eager, 1e-5)
+
+
+def test_compile_backend_is_validated():
+    with pytest.raises(ValueError, match="parallel.compile_backend='tvm' must be one of"):
+        ParallelConfig(compile=True, compile_backend="tvm")
 
 
 def test_bf16_autocast_at_world_1_keeps_fp32_masters():
