@@ -111,7 +111,7 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
     if world == 1:  # the baseline: the same global work in one process
         work = batches if layout.startswith("dp2") else batches[:1]
         if layout == "pp2":
-            from keye_train.distributed.pipeline import stack_packed_rows
+            from keye_train.distributed.packed_rows import stack_packed_rows
 
             work = [stack_packed_rows(batches)]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -172,7 +172,8 @@ def build_step(layout: str, *, rank: int, world: int, seq: int):
 
         return cp_step
     if layout == "pp2":
-        from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
+        from keye_train.distributed.packed_rows import stack_packed_rows
+        from keye_train.distributed.pipeline import build_pipeline
 
         dims = ParallelDims(world_size=world, pp=world)
         pipeline = build_pipeline(model, dims=dims, schedule="1f1b", microbatches=2)

@@ -33,6 +33,8 @@ from keye_train.checkpoint.dcp import (
     step_dirs,
     write_marker,
 )
+from keye_train.checkpoint.model_weights import check_model_keys
+from keye_train.checkpoint.ranks import _barrier, _on_rank0, _rank, _world_size
 from keye_train.checkpoint.stateful import BLOB, BlobStateful
 from keye_train.checkpoint.verify import root_os_error
 from keye_train.models.configs import KeyeConfig
@@ -41,44 +43,12 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointManager",
     "TrainState",
-    "check_model_keys",
     "find_latest_complete",
-    "load_model_weights",
     "resolve_checkpoint",
 ]
 
 SCHEDULER_KEY = "scheduler"
 COUNTERS_KEY = "counters"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """fn() on rank 0, its result (or its ValueError) broadcast: one rank reads and hashes a checkpoint,
-    every rank acts alike, and none waits forever for a rank 0 that failed."""
-    box: list[Any] = [None]
-    if _rank() == 0:
-        try:
-            box = [(True, fn())]
-        except ValueError as err:
-            box = [(False, str(err))]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise ValueError(value)
-    return value
 
 
 def _rng_key(rank: int) -> str:
@@ -374,79 +344,3 @@ class CheckpointManager:
         if self._async_group is not None:
             dist.destroy_process_group(self._async_group)
             self._async_group = None
-
-
-def check_model_keys(model_state: ModelStateful, saved: dict[str, Any], step_dir: Path) -> None:
-    """ValueError naming the checkpoint and the first missing keys if the model asks for absent tensors."""
-    prefix = MODEL_KEY + "."
-    wanted = model_state.state_dict()
-    missing = sorted(k for k in wanted if prefix + k not in saved)
-    if missing:
-        raise ValueError(
-            f"checkpoint {step_dir} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}; "
-            "was it saved from a different architecture?"
-        )
-    # Global shapes (DTensor.shape is the unsharded one), so this holds under any parallel layout.
-    mismatched = [
-        f"{k} saved {list(saved[prefix + k].size)} vs model {list(t.shape)}"
-        for k, t in wanted.items()
-        if isinstance(t, torch.Tensor) and tuple(saved[prefix + k].size) != tuple(t.shape)
-    ]
-    if mismatched:
-        raise ValueError(
-            f"checkpoint {step_dir} does not fit this model ({len(mismatched)} shape mismatches, e.g. "
-            f"{'; '.join(mismatched[:3])}); was it saved from a different architecture?"
-        )
-
-
-def _rank0_print(message: str) -> None:
-    if _rank() == 0:
-        print(message, flush=True)
-
-
-def load_model_weights(
-    model: nn.Module | Sequence[nn.Module], path: str | Path, *, log: Callable[[str], None] | None = None
-) -> Path:
-    """Collective. Model weights only (for `init_from`) from a stage dir, a DCP checkpoint or a HF dir.
-
-    Returns the directory actually read. The optimizer, schedule and counters are not touched. Messages
-    go to `log`, by default printed by rank 0 only (every rank loads; one says so).
-    """
-    log = log or _rank0_print
-    path = Path(path)
-    if (path / "config.json").is_file() and not (path / ".metadata").exists():
-        _load_hf_weights(model, path)
-        log(f"init_from: loaded Hugging Face weights from {path}")
-        return path
-    try:
-        source = Path(_on_rank0(lambda: str(resolve_checkpoint(path, log=log))))
-    except ValueError as err:
-        raise ValueError(
-            f"init_from={path}: not a Hugging Face dir (config.json + safetensors), a keye_train stage dir "
-            f"or a DCP checkpoint ({err})"
-        ) from err
-    items = {MODEL_KEY: ModelStateful(model)}
-    check_model_keys(items[MODEL_KEY], read_dcp_metadata(source).state_dict_metadata, source)
-    with quiet_dcp():
-        dcp.load(items, checkpoint_id=str(source))
-    log(f"init_from: loaded model weights from {source}")
-    return source
-
-
-def _load_hf_weights(model: nn.Module | Sequence[nn.Module], path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from keye_train.checkpoint.hf import load_into_model
-    from keye_train.checkpoint.safetensors_io import checkpoint_files, iter_shard
-
-    for chunk in as_list(model):
-        if not any(isinstance(p, DTensor) for p in chunk.parameters()):
-            load_into_model(chunk, path, strict=len(as_list(model)) == 1)
-            continue
-        # Sharded (FSDP/TP) chunk: full tensors shard by shard; DSD slices each rank's part out of them.
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        wanted = set(chunk.state_dict())
-        for file in checkpoint_files(path):
-            shard = {k: t for k, t in iter_shard(file) if k in wanted}
-            set_model_state_dict(chunk, shard, options=options)

@@ -210,7 +210,7 @@ def build_weights(
             tower = SiglipTextTower(keye_cfg.text_tower).to(device)
     source = cfg.stage.init_from
     if source:
-        from keye_train.checkpoint.manager import load_model_weights
+        from keye_train.checkpoint.model_weights import load_model_weights
 
         load_model_weights(model, source)
         tower_dir = Path(source) / "siglip_text"

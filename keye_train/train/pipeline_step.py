@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from keye_train.config.schema import TrainConfig
 from keye_train.data.batch import PackedBatch
 from keye_train.distributed.collectives import sum_scalars
+from keye_train.distributed.packed_rows import stack_packed_rows
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import apply_local, parallelize
-from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
+from keye_train.distributed.pipeline import build_pipeline
 from keye_train.distributed.precision import autocast_method
 from keye_train.distributed.vision import (
     RoutedVisuals,

@@ -13,13 +13,8 @@ from keye_train.distributed.contrastive import sigmoid_loss_global_negatives
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import apply_local
 from keye_train.distributed.precision import autocast_method, fsdp_policy
-from keye_train.distributed.vision import (
-    VisualEncoder,
-    VisualRouter,
-    VisualWorkReport,
-    frame_pixels,
-    visual_items,
-)
+from keye_train.distributed.vision import VisualEncoder, VisualRouter
+from keye_train.distributed.vision_plan import VisualWorkReport, frame_pixels, visual_items
 from keye_train.models.siglip_text import sigmoid_contrastive_loss
 from keye_train.train.build import build_pair_loader
 from keye_train.train.optim import clip_grad_norm

@@ -31,7 +31,8 @@ from keye_train.data.batch import PackedBatch
 from keye_train.data.plan.cost import CostModel
 from keye_train.distributed.collectives import sum_scalars
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.vision import CostFn, RoutedVisuals, VisualRouter, route_replica_visuals
+from keye_train.distributed.vision import RoutedVisuals, VisualRouter, route_replica_visuals
+from keye_train.distributed.vision_plan import CostFn
 from keye_train.train.optim import clip_grad_norm
 from keye_train.train.stages import module_groups
 

@@ -5,7 +5,8 @@ import torch
 from harness import run_ranks
 
 from keye_train.checkpoint.hf import save_keye_hf
-from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState, load_model_weights
+from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState
+from keye_train.checkpoint.model_weights import load_model_weights
 from keye_train.distributed.fsdp import apply_fsdp
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.tensor_parallel import apply_tensor_parallel

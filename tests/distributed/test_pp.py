@@ -10,17 +10,14 @@ from torch.distributed.tensor import DTensor
 from keye_train.data.batch import IGNORE_INDEX
 from keye_train.distributed.context_parallel import local_visual_embeds, split_for_context_parallel
 from keye_train.distributed.fsdp import FSDPConfig
-from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.parallelize import ParallelConfig, parallelize
-from keye_train.distributed.pipeline import (
-    PipelineConfig,
-    build_pipeline,
+from keye_train.distributed.packed_rows import (
     cu_seqlens_from_document_ids,
     document_ids_from_cu_seqlens,
-    split_layers,
     stack_packed_rows,
-    stages_of_rank,
 )
+from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.parallelize import ParallelConfig, parallelize
+from keye_train.distributed.pipeline import PipelineConfig, build_pipeline, split_layers, stages_of_rank
 from keye_train.distributed.tensor_parallel import apply_tensor_parallel
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model

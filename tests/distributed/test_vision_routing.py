@@ -16,14 +16,14 @@ from test_pp import (
 )
 
 from keye_train.data.batch import IGNORE_INDEX
+from keye_train.distributed.packed_rows import stack_packed_rows
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.pipeline import build_pipeline, stack_packed_rows
-from keye_train.distributed.vision import (
+from keye_train.distributed.pipeline import build_pipeline
+from keye_train.distributed.vision import VisualRouter, reduce_visual_grads
+from keye_train.distributed.vision_plan import (
     VisualItem,
-    VisualRouter,
     frame_pixels,
     greedy_longest_first,
-    reduce_visual_grads,
     stage0_consumers,
     visual_items,
 )

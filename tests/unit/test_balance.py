@@ -3,7 +3,7 @@
 import pytest
 
 from keye_train.data.plan.balance import PlanItem, lower_bound, plan_batch
-from keye_train.distributed.vision import greedy_longest_first
+from keye_train.distributed.vision_plan import greedy_longest_first
 from keye_train.testing.workload import heavy_tailed_batch
 
 SEQ = 131072

@@ -10,12 +10,8 @@ import torch.nn.functional as F
 
 from keye_train.checkpoint.dcp import MARKER_FILE, combine_modules, read_meta
 from keye_train.checkpoint.hf import save_keye_hf
-from keye_train.checkpoint.manager import (
-    CheckpointConfig,
-    CheckpointManager,
-    TrainState,
-    load_model_weights,
-)
+from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState
+from keye_train.checkpoint.model_weights import load_model_weights
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
 from keye_train.models.siglip_text import SiglipTextTower

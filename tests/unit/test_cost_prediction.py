@@ -126,7 +126,7 @@ def test_predicted_cost_equals_the_cost_of_the_encoded_sample(tmp_path):
 
 
 def test_the_vit_router_uses_the_calibrated_coefficients(tmp_path):
-    from keye_train.distributed.vision import VisualItem
+    from keye_train.distributed.vision_plan import VisualItem
     from keye_train.train.pipeline_step import calibrated_visual_cost
 
     path = tmp_path / "cost.json"

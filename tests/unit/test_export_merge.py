@@ -11,8 +11,9 @@ from tokenizers import Tokenizer
 import keye_train.checkpoint.export as export_module
 from keye_train.checkpoint.export import export_to_hf, import_from_hf
 from keye_train.checkpoint.hf import load_into_model, save_keye_hf
-from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState, load_model_weights
+from keye_train.checkpoint.manager import CheckpointConfig, CheckpointManager, TrainState
 from keye_train.checkpoint.merge import merge_checkpoints, normalise_weights
+from keye_train.checkpoint.model_weights import load_model_weights
 from keye_train.checkpoint.safetensors_io import iter_checkpoint
 from keye_train.cli.merge import main as merge_main
 from keye_train.data.synth.shards import build_tokenizer

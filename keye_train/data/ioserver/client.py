@@ -14,24 +14,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from keye_train.data.batch import EncodedSample
 from keye_train.data.ioserver import protocol as proto
+from keye_train.data.ioserver.health import ServerHealth, _Server
 from keye_train.data.ioserver.protocol import DecodeRequest, Skip
 
 log = logging.getLogger(__name__)
 
 Result = EncodedSample | Skip
-
-
-@dataclass
-class _Server:
-    address: str
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    state: str = "probing"  # probing (ping sent, no answer yet) | live | down | incompatible
-    outstanding: dict[int, tuple[int, float]] = field(default_factory=dict)  # seq -> (attempt, sent at)
-    retry_at: float = 0.0  # when a down server is pinged again
-    busy_until: float = 0.0  # it refused a request: prefer the others until then
-    last_ping: float = 0.0  # heartbeat: when it was last pinged while holding work
-    unanswered_since: float | None = None  # the oldest heartbeat ping it has not answered
 
 
 @dataclass
@@ -44,7 +32,7 @@ class _Req:
     busy: int = 0
 
 
-class IOClient:
+class IOClient(ServerHealth):
     """Submits decode requests to I/O servers with at most `max_in_flight` outstanding, and yields the
     results in request order (each reply carries its request id, so order and resume stay exact).
 
@@ -137,63 +125,6 @@ class IOClient:
     @property
     def in_flight(self) -> int:
         return sum(len(s.outstanding) for s in self.servers)
-
-    # ---- health ------------------------------------------------------------------------------------
-
-    def _ping(self, s: _Server, now: float) -> None:
-        try:
-            s.sock.send(proto.pack_header({"op": "ping", "id": None}), zmq.NOBLOCK)
-        except zmq.Again:  # not connected (yet); zmq keeps reconnecting in the background
-            s.state, s.retry_at = "down", now + (0.05 if not self._probed else 0.5)
-            return
-        s.state = "live" if s.state == "live" else "probing"
-        s.retry_at = now + self.probe_timeout_s  # no pong by then: ping again
-
-    def _on_pong(self, s: _Server, header: dict) -> None:
-        if self.fingerprint is not None and header.get("fingerprint") != self.fingerprint:
-            if s.state != "incompatible":
-                log.error(
-                    "I/O server %s decodes with other settings (fingerprint %s, ours %s): not used; "
-                    "start it with the trainer's tokenizer and data.image/data.video settings",
-                    s.address,
-                    header.get("fingerprint"),
-                    self.fingerprint,
-                )
-            s.state = "incompatible"
-            return
-        if s.state != "live":
-            log.info("I/O server %s is up (%s workers)", s.address, header.get("workers"))
-        s.state = "live"
-
-    def _probe(self) -> None:
-        """Ping every server once and wait (up to probe_timeout_s) until each answered or failed."""
-        now = time.monotonic()
-        for s in self.servers:
-            self._ping(s, now)
-        deadline = now + self.probe_timeout_s
-        # Wait for every pinged server's answer; refused connections are retried (a server may still be
-        # binding its port) until one server is up or the deadline passes.
-        while time.monotonic() < deadline and (
-            any(s.state == "probing" for s in self.servers)
-            or not any(s.state == "live" for s in self.servers)
-        ):
-            self._receive(wait_s=min(0.05, max(0.0, deadline - time.monotonic())), results={}, reqs={})
-            for s in self.servers:  # unreachable at first: zmq reconnects in the background
-                if s.state == "down" and time.monotonic() >= s.retry_at:
-                    self._ping(s, time.monotonic())
-        if not any(s.state == "live" for s in self.servers):
-            log.warning(
-                "no I/O server of %s answered within %.1fs; decoding locally until one does",
-                [s.address for s in self.servers],
-                self.probe_timeout_s,
-            )
-        self._probed = True
-
-    def _mark_down(self, s: _Server, why: str) -> None:
-        if s.state == "live":
-            log.warning("I/O server %s: %s; using the others", s.address, why)
-        if s.state != "incompatible":
-            s.state, s.retry_at = "down", time.monotonic() + self.retry_down_s
 
     # ---- the request loop --------------------------------------------------------------------------
 
@@ -373,28 +304,6 @@ class IOClient:
         retry = sorted(set(self._retry_queue))
         self._retry_queue.clear()
         pending.extendleft(reversed([seq for seq in retry if seq not in results]))
-
-    def _heartbeat(self, s: _Server, now: float, *, reqs: dict[int, _Req], results: dict) -> None:
-        """Ping a live server that holds work; declare it hung when it stays silent for hung_s."""
-        if s.state != "live" or not s.outstanding:
-            s.unanswered_since = None
-            return
-        if s.unanswered_since is not None and now - s.unanswered_since > self.hung_s:
-            self.stats["hung"] += 1
-            s.unanswered_since = None
-            self._lost(
-                s, f"hung: no answer to pings within hung_timeout_s={self.hung_s}", reqs=reqs, results=results
-            )
-            return
-        if now - s.last_ping >= self.heartbeat_s:
-            try:
-                s.sock.send(proto.pack_header({"op": "ping", "id": None}), zmq.NOBLOCK)
-            except zmq.Again:
-                self._lost(s, "not connected", reqs=reqs, results=results)
-                return
-            s.last_ping = now
-            if s.unanswered_since is None:
-                s.unanswered_since = now
 
     def _fallback(self, r: _Req, why: str) -> Result:
         self.stats["local"] += 1

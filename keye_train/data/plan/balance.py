@@ -4,7 +4,7 @@ Greedy longest-processing-time-first (LPT) is the default: sort by cost, give ea
 loaded rank that still has a microbatch with room for its tokens. Karmarkar-Karp (largest differencing)
 is an option for few ranks, where it partitions more evenly. Hand-written because no library plans
 under both a cost objective and a per-microbatch token capacity. The batch's visual items are spread
-over all ranks by the ViT router (distributed/vision.py, `greedy_longest_first`).
+over all ranks by the ViT router (distributed/vision_plan.py, `greedy_longest_first`).
 """
 
 from __future__ import annotations
