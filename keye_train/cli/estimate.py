@@ -20,7 +20,7 @@ from keye_train.distributed.accounting import (
     step_tokens,
 )
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.pipeline import PipelineConfig
+from keye_train.distributed.pipeline_config import PipelineConfig
 from keye_train.distributed.precision import PRECISIONS
 from keye_train.models.configs import PRESETS, KeyeConfig, preset
 from keye_train.models.lm_head import DEFAULT_CHUNK_TOKENS

@@ -17,7 +17,7 @@ from keye_train.distributed.activation_checkpoint import (
 from keye_train.distributed.context_parallel import ContextParallelConfig
 from keye_train.distributed.fsdp import FSDPConfig, apply_fsdp
 from keye_train.distributed.parallel_dims import ParallelDims
-from keye_train.distributed.pipeline import PipelineConfig
+from keye_train.distributed.pipeline_config import PipelineConfig
 from keye_train.distributed.precision import autocast_method, check_precision, module_device_type
 from keye_train.distributed.tensor_parallel import TensorParallelConfig
 

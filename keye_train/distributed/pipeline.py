@@ -48,65 +48,19 @@ from keye_train.distributed.packed_rows import (
     visual_slots,
 )
 from keye_train.distributed.parallel_dims import ParallelDims
+from keye_train.distributed.pipeline_config import SCHEDULE_PLACEMENT, PipelineConfig
 from keye_train.models.language import Qwen3Model
 
-# schedule name -> (torch class, stage placement over pp ranks)
+# schedule name -> torch class (its stage placement over pp ranks: pipeline_config.SCHEDULE_PLACEMENT)
 SCHEDULES = {
-    "1f1b": (Schedule1F1B, "loop"),
-    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
-    "zero_bubble": (ScheduleInterleavedZeroBubble, "loop"),
-    "zbv": (ScheduleZBVZeroBubble, "v"),
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
 }
+assert SCHEDULES.keys() == SCHEDULE_PLACEMENT.keys()
 
 LossFn = Callable[..., Tensor]
-
-
-@dataclass
-class PipelineConfig:
-    """`parallel.pipeline`: schedule, microbatch count and stages per pp rank (virtual stages)."""
-
-    schedule: str = "1f1b"
-    microbatches: int = 1
-    virtual_stages: int = 1
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"parallel.pipeline.schedule={self.schedule!r} is unknown; use one of {sorted(SCHEDULES)}"
-            )
-        if self.microbatches < 1:
-            raise ValueError(f"parallel.pipeline.microbatches={self.microbatches} must be >= 1")
-        if self.virtual_stages < 1:
-            raise ValueError(f"parallel.pipeline.virtual_stages={self.virtual_stages} must be >= 1")
-        if self.schedule == "1f1b" and self.virtual_stages != 1:
-            raise ValueError(
-                f"parallel.pipeline.virtual_stages={self.virtual_stages} needs an interleaved schedule; "
-                f"schedule '1f1b' runs one stage per rank"
-            )
-        if self.schedule == "zbv" and self.virtual_stages != 2:
-            raise ValueError(
-                f"parallel.pipeline.virtual_stages={self.virtual_stages}: schedule 'zbv' needs exactly 2"
-            )
-
-    def validate(self, *, pp: int, num_layers: int) -> None:
-        """Checks that need the pp degree and the decoder depth."""
-        stages = pp * self.virtual_stages
-        if stages > num_layers:
-            raise ValueError(
-                f"pp*parallel.pipeline.virtual_stages={pp}*{self.virtual_stages}={stages} stages exceed the "
-                f"{num_layers} decoder layers: every stage needs at least one layer"
-            )
-        if self.microbatches < pp:
-            raise ValueError(
-                f"parallel.pipeline.microbatches={self.microbatches} < pp={pp}: the pipeline would never "
-                f"fill; use at least pp microbatches"
-            )
-        rounds = max(1, self.microbatches // pp)
-        if self.schedule != "1f1b" and self.microbatches % rounds:
-            raise ValueError(
-                f"parallel.pipeline.microbatches={self.microbatches} must be a multiple of "
-                f"microbatches // pp = {rounds} for schedule {self.schedule!r}"
-            )
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
@@ -301,7 +255,7 @@ def build_pipeline(
     config = PipelineConfig(schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages)
     num_layers = len(model.model.layers)
     config.validate(pp=dims.pp, num_layers=num_layers)
-    schedule_cls, style = SCHEDULES[config.schedule]
+    schedule_cls, style = SCHEDULES[config.schedule], SCHEDULE_PLACEMENT[config.schedule]
     num_stages = dims.pp * config.virtual_stages
     layers = split_layers(num_layers, num_stages)
     pp_rank = dims.rank_coordinates["pp"]

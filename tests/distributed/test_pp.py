@@ -17,7 +17,8 @@ from keye_train.distributed.packed_rows import (
 )
 from keye_train.distributed.parallel_dims import ParallelDims
 from keye_train.distributed.parallelize import ParallelConfig, parallelize
-from keye_train.distributed.pipeline import PipelineConfig, build_pipeline, split_layers, stages_of_rank
+from keye_train.distributed.pipeline import build_pipeline, split_layers, stages_of_rank
+from keye_train.distributed.pipeline_config import PipelineConfig
 from keye_train.distributed.tensor_parallel import apply_tensor_parallel
 from keye_train.models.configs import tiny
 from keye_train.models.keye import build_model
