@@ -16,15 +16,19 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+AUTO_MAX = 8  # threads=0 takes at most this many: each decoding thread holds its own decoder's frames
+
 
 def worker_count(threads: int) -> int:
-    """`threads`, or for 0 every CPU this process may run on (its affinity mask, not the machine's)."""
+    """`threads`, or for 0 one per CPU this process may run on (its affinity mask, not the machine's),
+    at most AUTO_MAX."""
     if threads > 0:
         return threads
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, AUTO_MAX))
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:

@@ -72,7 +72,8 @@ class VideoConfig:
     """Threads working on one video: PyAV decodes independent keyframe runs in parallel, one decoder
     each (a single run uses FFmpeg's frame threading instead), and the sampled frames are resized and
     compared for SlowFast typing on as many. 0: one per CPU this process may run on
-    (os.sched_getaffinity); set 1 when loader worker processes already fill the cores. Same output."""
+    (os.sched_getaffinity), at most 8; set 1 when loader worker processes already fill the cores. Same
+    output."""
     patch_size: int = 14
     """ViT patch side in pixels (SigLIP patch14)."""
     merge_size: int = 2

@@ -132,8 +132,10 @@ def split_runs(targets: list[int], keyframes: list[int], runs: int) -> list[tupl
 def decode_planned(
     av, source: str | os.PathLike | bytes, *, wanted: set[int], fps: float, what: str, threads: int = 0
 ) -> tuple[KeptFrames, dict]:
-    """RGB frames {index: (H, W, 3) uint8} of the wanted display indices, and what the plan did.
-    `threads`: decoding threads (0: one per CPU available, see worker_count).
+    """RGB frames {index: (H, W, 3) uint8, rows of one array} of the wanted display indices, and what
+    the plan did ("frames_decoded": frames the decoders returned; the few references decoded last before
+    a segment stops are not returned, so the decoding done is slightly more). `threads`: decoding threads
+    (0: one per CPU available, see worker_count).
 
     Raises ValueError when the stream cannot be mapped by pts or its frames change size (the caller
     decodes sequentially then).
@@ -152,7 +154,7 @@ def decode_planned(
     workers = min(budget, len(runs))
     kept = KeptFrames()
     # torch's allocator, not numpy's: numpy asks for transparent huge pages on large arrays, and where the
-    # kernel compacts memory for them on first touch (THP defrag=madvise) that costs ~3x more to fill
+    # kernel compacts memory for them on first touch (THP defrag=madvise) filling costs several times more
     kept.array = torch.empty((len(todo), height, width, 3), dtype=torch.uint8).numpy()
     slot = {idx: row for row, idx in enumerate(todo)}
 
