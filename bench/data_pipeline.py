@@ -2,7 +2,11 @@
 on the synthetic clips and, side by side, on generated 720p/1080p H.264 clips with scene cuts.
 
 Usage: python bench/data_pipeline.py [--samples 250] [--seed 0] [--clips 1280x720x20,1920x1080x60]
-       [--keyint-s 2] [--out bench/results/data_pipeline.json]
+       [--keyint-s 2] [--clip-repeats 5] [--skip-synth] [--out bench/results/data_pipeline.json]
+
+Clips: each side (ours, keye-vl-utils fetch_video, ours plus the final resize) runs --clip-repeats times,
+interleaved (rotating which goes first), each time in a fresh process; medians and the median of the
+per-round ratios are reported, with the 1-minute load average before and after each round.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import webdataset as wds
 
 from keye_train.data.loader.encode import SampleEncoder, SkipCounter
-from keye_train.data.media.video import VideoConfig, preprocess_video, resize_video
+from keye_train.data.media.video import VideoConfig, decode_and_plan, preprocess_video, resize_video
 from keye_train.data.shards.manifest import load_manifest
 from keye_train.data.shards.sources import iter_records
 from keye_train.data.synth.shards import SynthConfig, synth_dataset
@@ -143,22 +147,79 @@ def make_clip(path: Path, *, width: int, height: int, seconds: float, fps: int, 
     return time.perf_counter() - start
 
 
+SIDES = ("ours", "keye_vl_utils", "ours_resized")
+
+
 def measure_clip(which: str, path: str) -> dict:
-    """One side in this (fresh) process: seconds and peak resident memory above the start."""
+    """One side in this (fresh) process: wall seconds, CPU seconds (all its threads), and peak resident
+    memory above the start. Each side uses its reader's default threads: decord's own (FFmpeg auto),
+    ours video.threads=0 (one per CPU available). Libraries are imported before the clock starts (a
+    one-time cost of a process, not of a video): PyAV for ours, keye-vl-utils and decord for theirs.
+
+    ours: decode_and_plan, the sampled frames at full size with their types and sizes, which is what
+    fetch_video returns; ours_resized: resize_video, that plus the processor's slow/fast resize."""
     import resource
 
+    if which == "keye_vl_utils":
+        ref = load_reference()
+        import decord  # noqa: F401
+    else:
+        import av  # noqa: F401
     with open("/proc/self/statm") as f:
         before_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if which == "ours":
+        _, plan = decode_and_plan(path, VideoConfig(decoder="pyav"))
+        n = len(plan.frames)
+    elif which == "ours_resized":
         plan, resized = resize_video(path, VideoConfig(decoder="pyav"))
         n = len(plan.frames)
     else:
-        frames, _ = load_reference().fetch_video({"video": path})
+        frames, _ = ref.fetch_video({"video": path})
         n = int(frames.shape[0])
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": round(seconds, 3), "peak_mib": round((peak_kib - before_kib) / 1024, 1), "frames": n}
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_s": round(cpu, 3),
+        "peak_mib": round((peak_kib - before_kib) / 1024, 1),
+        "frames": n,
+    }
+
+
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split(" ")[0]
+    except OSError:
+        return "n/a"
+
+
+def decode_bound(path: str, wanted: list[int], fps: float) -> dict:
+    """The fewest frames any decoder must decode for `wanted` without parsing slice headers: each wanted
+    frame, and every reference frame of its GOP decoded before it (any of them may be predicted from).
+    Reference frames are found as the frames a decoder skipping non-reference ones still outputs."""
+    import av
+
+    from keye_train.data.media.video_seek import packet_map
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        pmap = packet_map(container, stream, fps)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        start, tb = stream.start_time or 0, float(stream.time_base)
+        refs = {round((f.pts - start) * tb * fps) for f in container.decode(stream)}
+    needed: set[int] = set()
+    gop: list[int] = []  # reference frames of the current GOP so far, in decode order
+    for index, key in zip(pmap.index, pmap.keyframe):
+        if key:
+            gop = []
+        if index in wanted:
+            needed |= {index, *gop}
+        if index in refs:
+            gop.append(index)
+    return {"reference_frames": len(refs), "must_decode": len(needed)}
 
 
 def same_frames(path: str, ref) -> dict:
@@ -166,11 +227,8 @@ def same_frames(path: str, ref) -> dict:
     import decord
     import numpy as np
 
-    from keye_train.data.media.video import _decode, plan_video
-
     cfg = VideoConfig(decoder="pyav")
-    decoded = _decode(path, cfg)
-    plan = plan_video(decoded, cfg)
+    decoded, plan = decode_and_plan(path, cfg)  # what measure_clip times as "ours"
     theirs = decord.VideoReader(path).get_batch(decoded.indices).asnumpy()
     pixels_equal = bool(np.array_equal(decoded.frames.permute(0, 2, 3, 1).numpy(), theirs))
     _, kwargs = ref.fetch_video({"video": path})
@@ -182,7 +240,7 @@ def same_frames(path: str, ref) -> dict:
     return {"decoded_frames_equal_decord": pixels_equal, "plan_equals_fetch_video": bool(plan_equal)}
 
 
-def bench_clips(specs: list[str], *, keyint_s: float, ref) -> list[dict]:
+def bench_clips(specs: list[str], *, keyint_s: float, repeats: int, ref) -> list[dict]:
     import subprocess
 
     from keye_train.data.media.video_seek import decode_planned
@@ -197,11 +255,31 @@ def bench_clips(specs: list[str], *, keyint_s: float, ref) -> list[dict]:
         )
         row = {"clip": f"{width}x{height}, {seconds} s, 30 fps, keyframe every {keyint_s} s + scene cuts"}
         row["generate_s"] = round(gen, 1)
-        for which in ("ours", "keye_vl_utils"):
-            cmd = [sys.executable, __file__, "--measure-clip", which, str(path)]
-            result = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            row[which] = json.loads(result.stdout.strip().splitlines()[-1])
-        row["speedup"] = round(row["keye_vl_utils"]["seconds"] / row["ours"]["seconds"], 2)
+        row["loadavg_1min"] = [_loadavg()]
+        runs: dict[str, list[dict]] = {which: [] for which in SIDES}
+        for r in range(repeats):  # interleaved, rotating which side goes first
+            for which in SIDES[r % len(SIDES) :] + SIDES[: r % len(SIDES)]:
+                cmd = [sys.executable, __file__, "--measure-clip", which, str(path)]
+                result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                runs[which].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            row["loadavg_1min"].append(_loadavg())
+        for which, got in runs.items():
+            row[which] = {
+                "seconds_median": statistics.median(g["seconds"] for g in got),
+                "cpu_s_median": statistics.median(g["cpu_s"] for g in got),
+                "peak_mib_median": statistics.median(g["peak_mib"] for g in got),
+                "frames": got[0]["frames"],
+                "seconds": [g["seconds"] for g in got],
+                "cpu_s": [g["cpu_s"] for g in got],
+            }
+        theirs = row["keye_vl_utils"]
+        for which, key in (("ours", "speedup"), ("ours_resized", "speedup_resized")):
+            row[key] = round(theirs["seconds_median"] / row[which]["seconds_median"], 2)
+            pairs = [b["seconds"] / a["seconds"] for a, b in zip(runs[which], runs["keye_vl_utils"])]
+            row[key + "_paired_median"] = round(statistics.median(pairs), 2)
+            row[key.replace("speedup", "cpu_ratio")] = round(
+                theirs["cpu_s_median"] / row[which]["cpu_s_median"], 2
+            )
         row |= same_frames(str(path), ref)
         import av
 
@@ -211,7 +289,7 @@ def bench_clips(specs: list[str], *, keyint_s: float, ref) -> list[dict]:
             total, fps = container.streams.video[0].frames, float(container.streams.video[0].average_rate)
         wanted = slowfast.sample_indices(total, slowfast.num_sampled_frames(total, fps, VideoConfig()))
         _, info = decode_planned(av, str(path), wanted=set(wanted), fps=fps, what=spec)
-        row["decode_plan"] = info | {"sampled": len(wanted)}
+        row["decode_plan"] = info | {"sampled": len(wanted)} | decode_bound(str(path), set(wanted), fps)
         print(json.dumps(row), file=sys.stderr)
         out.append(row)
     return out
@@ -233,6 +311,7 @@ def main() -> None:
         "--clips", default="1280x720x20,1920x1080x60", help="WIDTHxHEIGHTxSECONDS,... ('' skips)"
     )
     parser.add_argument("--keyint-s", type=float, default=2.0, help="keyframe interval of the clips, seconds")
+    parser.add_argument("--clip-repeats", type=int, default=5, help="fresh-process runs per side per clip")
     parser.add_argument("--skip-synth", action="store_true", help="only the generated clips")
     parser.add_argument("--measure-clip", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +332,9 @@ def main() -> None:
     }
     if args.clips and ref is not None:
         clips = [c for c in args.clips.split(",") if c]
-        result["clips_vs_keye_vl_utils"] = bench_clips(clips, keyint_s=args.keyint_s, ref=ref)
+        result["clips_vs_keye_vl_utils"] = bench_clips(
+            clips, keyint_s=args.keyint_s, repeats=args.clip_repeats, ref=ref
+        )
     if not args.skip_synth:
         data_dir = Path(tempfile.mkdtemp(prefix="bench_data_"))
         synth_dataset(SynthConfig(out=data_dir, samples=args.samples, seed=args.seed))

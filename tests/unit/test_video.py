@@ -74,6 +74,8 @@ def test_video_config_defaults_are_the_released_values():
         ("similarity_max_tokens", 10),
         ("max_frames", 0),
         ("decoder", "opencv"),
+        ("threads", -1),
+        ("threads", 1.5),
         ("mean", (0.5,)),
         ("std", (1, 1, -1)),
         ("similarity_eps", 0),
@@ -386,21 +388,72 @@ def _full_decode(path):
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
+@pytest.mark.parametrize("threads", [1, 3])  # one decoder (frame threading) / runs on three decoders at once
 @pytest.mark.parametrize(
     "wanted",
     [[0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 119], [5, 63, 101], [119], [1, 2, 3]],
 )
-def test_planned_decode_equals_a_full_decode(gop_video, wanted):
+def test_planned_decode_equals_a_full_decode(gop_video, wanted, threads):
     from keye_train.data.media.video_seek import decode_planned
 
     full = _full_decode(gop_video)
-    kept, info = decode_planned(av, str(gop_video), wanted=set(wanted), fps=30.0, what="gop")
+    kept, info = decode_planned(av, str(gop_video), wanted=set(wanted), fps=30.0, what="gop", threads=threads)
     assert sorted(kept) == wanted
     for i in wanted:
         np.testing.assert_array_equal(kept[i], full[i])
     assert info["frames_decoded"] < len(full)  # non-reference frames nobody needs are not decoded
     if wanted == [5, 63, 101]:
         assert info["seeks"] == 2  # far apart: seek to the keyframes before 63 and 101
+    if threads == 3 and len(wanted) > 3:
+        assert info["workers"] == 3 and info["runs"] > 3  # the parallel path did run
+
+
+def test_split_runs_cover_the_targets_in_order_from_keyframes():
+    from keye_train.data.media.video_seek import split_runs
+
+    keyframes = [0, 20, 40, 60, 70, 100]
+    targets = [1, 5, 21, 39, 44, 61, 75, 99, 100, 119]
+    for runs in (1, 2, 3, 4, 50):
+        split = split_runs(targets, keyframes, runs)
+        assert len(split) == min(runs, 6)  # 6 keyframe groups hold targets
+        assert [t for _, ts in split for t in ts] == targets
+        for start, ts in split:
+            assert start in keyframes and start <= ts[0]
+            assert not any(start < k <= ts[0] for k in keyframes)  # the keyframe right before its first
+    assert split_runs(targets, keyframes, 1) == [(0, targets)]
+
+
+def test_threads_give_the_same_video(tmp_path):
+    """Decoding, SlowFast typing and resizing on several threads: the same plan and pixels as on one,
+    and the resized frames equal one batched resize of each kind's frames (the processor's call)."""
+    from keye_train.data.media.image import resize_frames
+    from keye_train.data.media.video import _decode
+
+    path = tmp_path / "cuts.mp4"
+    scenes = [picture(96, 128, 1)] * 9 + [picture(96, 128, 2)] * 7 + [picture(96, 128, 3)] * 8
+    write_mp4(path, [np.roll(f, i, axis=1) for i, f in enumerate(scenes)], fps=4)
+    cfg = VideoConfig(min_tokens_per_frame=4, fps=4.0, min_frame_similarity=0.95)
+    one = preprocess_video(str(path), VideoConfig(**{**vars(cfg), "threads": 1}))
+    many = preprocess_video(str(path), VideoConfig(**{**vars(cfg), "threads": 3}))
+    assert one.frames == many.frames and torch.equal(one.pixel_values, many.pixel_values)
+    plan, resized = resize_video(str(path), VideoConfig(**{**vars(cfg), "threads": 3}))
+    kinds = {f.is_fast for f in plan.frames}
+    assert kinds == {False, True}, "needs slow and fast frames"
+    frames = _decode(str(path), VideoConfig(**{**vars(cfg), "threads": 1})).frames
+    is_fast = torch.tensor([f.is_fast for f in plan.frames])
+    for fast, size in ((False, plan.slow_hw), (True, plan.fast_hw)):
+        assert torch.equal(resized[fast], resize_frames(frames[is_fast == fast], size))
+
+
+def test_ordered_map_keeps_order():
+    import time
+
+    from keye_train.data.media.threads import chunks, ordered_map
+
+    slow_first = lambda i: (time.sleep(0.02 if i % 3 == 0 else 0), i)[1]  # noqa: E731
+    assert list(ordered_map(slow_first, list(range(20)), 4)) == list(range(20))
+    assert [list(r) for r in chunks(7, 3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert chunks(2, 5) == [range(0, 1), range(1, 2)]
 
 
 def test_pyav_decoder_uses_the_plan_and_matches_decord(gop_video):

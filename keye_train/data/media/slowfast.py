@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from keye_train.data.media.image import resize_frames, smart_resize
+from keye_train.data.media.threads import chunks, ordered_map
 
 if TYPE_CHECKING:
     from keye_train.data.media.video import VideoConfig
@@ -113,18 +114,25 @@ def similarity_size(height: int, width: int, cfg: VideoConfig) -> tuple[int, int
     )
 
 
-def classify_frames(frames_nchw: Tensor, cfg: VideoConfig) -> list[bool]:
+def classify_frames(frames_nchw: Tensor, cfg: VideoConfig, *, threads: int = 1) -> list[bool]:
     """is_fast per frame: frame 0 is slow; a frame below `min_frame_similarity` to the last slow frame
-    starts a new slow frame, any other is fast."""
+    starts a new slow frame, any other is fast. `threads`: frames resized and turned into HSV patches
+    at once (each frame on its own either way: the same values)."""
     height, width = frames_nchw.shape[-2:]
     size = similarity_size(height, width, cfg)
     is_fast = [False]
     key = None
     patch = cfg.similarity_patch_size
-    # One batched resize: the comparison frames are at most similarity_max_tokens (256 x 28 x 28 px) each.
-    small_frames = resize_frames(frames_nchw, size)
-    for small in small_frames:
-        current = unit_patches(small, patch=patch, eps=cfg.similarity_eps)
+
+    def prepare(part: range) -> list[tuple[Tensor, Tensor]]:
+        # comparison frames are at most similarity_max_tokens (256 x 28 x 28 px) each
+        small_frames = resize_frames(frames_nchw[part.start : part.stop], size)
+        return [unit_patches(small, patch=patch, eps=cfg.similarity_eps) for small in small_frames]
+
+    # frames are prepared a few at a time (not all held at once) and compared in order
+    parts = chunks(frames_nchw.shape[0], max(1, -(-frames_nchw.shape[0] // 4)))
+    prepared = (p for ps in ordered_map(prepare, parts, threads) for p in ps)
+    for current in prepared:
         if key is None:
             key = current
             continue

@@ -15,6 +15,7 @@ from torch import Tensor
 from keye_train.data.batch import FrameSpec
 from keye_train.data.media import slowfast
 from keye_train.data.media.image import check_pixel_stats, normalize_patchify, resize_frames
+from keye_train.data.media.threads import chunks, ordered_map, worker_count
 from keye_train.data.media.video_decode import DECODERS, DecodedFrames, decode_video, load_frame_list
 
 
@@ -67,6 +68,12 @@ class VideoConfig:
     decoder: str = "auto"
     """Video reader: "auto" (= "pyav"), "pyav" (seeks, skips what is not sampled: media/video_seek.py),
     or "decord" (the reader vp uses; decodes every frame up to the last sampled one)."""
+    threads: int = 0
+    """Threads working on one video: PyAV decodes independent keyframe runs in parallel, one decoder
+    each (a single run uses FFmpeg's frame threading instead), and the sampled frames are resized and
+    compared for SlowFast typing on as many. 0: one per CPU this process may run on
+    (os.sched_getaffinity), at most 8; set 1 when loader worker processes already fill the cores. Same
+    output."""
     patch_size: int = 14
     """ViT patch side in pixels (SigLIP patch14)."""
     merge_size: int = 2
@@ -120,6 +127,10 @@ class VideoConfig:
             f"{self.factor}",
         )
         _require(self.decoder in DECODERS, f"video.decoder={self.decoder!r} is not one of {DECODERS}")
+        _require(
+            isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0,
+            f"video.threads={self.threads!r} must be an integer >= 0 (0: one per CPU available)",
+        )
         _require(self.max_aspect_ratio >= 1, f"video.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
         self.mean, self.std = check_pixel_stats(self.mean, self.std, "video")
 
@@ -205,7 +216,7 @@ def _decode(source: VideoSource, cfg: VideoConfig) -> DecodedFrames:
         raise ValueError("a list of frames is an image-list video: pass FrameList(frames, fps=...)")
     if isinstance(source, str | os.PathLike) and Path(source).is_dir():
         raise ValueError(f"{os.fspath(source)!r} is a folder: pass FrameList({os.fspath(source)!r}, fps=...)")
-    return decode_video(source, pick_video, decoder=cfg.decoder)
+    return decode_video(source, pick_video, decoder=cfg.decoder, threads=cfg.threads)
 
 
 def plan_video(decoded: DecodedFrames, cfg: VideoConfig) -> VideoPlan:
@@ -213,7 +224,7 @@ def plan_video(decoded: DecodedFrames, cfg: VideoConfig) -> VideoPlan:
     height, width = decoded.frames.shape[-2:]
     if height == 0 or width == 0:
         raise ValueError(f"video frames have an empty size {height}x{width} (HxW)")
-    is_fast = slowfast.classify_frames(decoded.frames, cfg)
+    is_fast = slowfast.classify_frames(decoded.frames, cfg, threads=worker_count(cfg.threads))
     sizes = slowfast.frame_sizes(height, width, is_fast=is_fast, cfg=cfg)
     patch = cfg.patch_size
     frames = [
@@ -234,19 +245,40 @@ def plan_video(decoded: DecodedFrames, cfg: VideoConfig) -> VideoPlan:
     )
 
 
+def decode_and_plan(source: VideoSource, cfg: VideoConfig) -> tuple[DecodedFrames, VideoPlan]:
+    """Decode and sample a video, and type its frames slow/fast with their sizes: the sampled frames at
+    full size and the plan. This is what keye-vl-utils' `fetch_video` returns (frames, types, sizes)."""
+    decoded = _decode(source, cfg)
+    return decoded, plan_video(decoded, cfg)
+
+
 def resize_video(source: VideoSource, cfg: VideoConfig) -> tuple[VideoPlan, dict[bool, Tensor]]:
     """Decode, sample, type slow/fast and resize: the plan and the uint8 frames per kind
-    ({False: slow frames, True: fast frames}, each (n, 3, h, w) in frame order). This is the work
-    keye-vl-utils' `fetch_video` does; `preprocess_video` adds normalisation and patching."""
-    decoded = _decode(source, cfg)
-    plan = plan_video(decoded, cfg)
-    is_fast = torch.tensor([f.is_fast for f in plan.frames])
-    resized: dict[bool, Tensor] = {}
-    for fast, size in ((False, plan.slow_hw), (True, plan.fast_hw)):
-        chosen = decoded.frames[is_fast == fast]
-        if chosen.shape[0]:
-            resized[fast] = resize_frames(chosen, size)
-    return plan, resized
+    ({False: slow frames, True: fast frames}, each (n, 3, h, w) in frame order): `fetch_video`'s work
+    plus the processor's resize; `preprocess_video` adds normalisation and patching."""
+    decoded, plan = decode_and_plan(source, cfg)
+    # Consecutive frames of one kind are resized straight from slices of the decoded frames (views):
+    # gathering a kind first would copy every full-size frame once more. Runs are cut into parts resized
+    # on cfg.threads threads; each frame is resized on its own either way, so the pixels are the same.
+    threads = worker_count(cfg.threads)
+    jobs: list[tuple[bool, range]] = []
+    begin = 0
+    for i, frame in enumerate(plan.frames):
+        if i + 1 == len(plan.frames) or plan.frames[i + 1].is_fast != frame.is_fast:
+            jobs += [
+                (frame.is_fast, range(begin + r.start, begin + r.stop))
+                for r in chunks(i + 1 - begin, threads)
+            ]
+            begin = i + 1
+
+    def resize(job: tuple[bool, range]) -> Tensor:
+        fast, part = job
+        return resize_frames(decoded.frames[part.start : part.stop], plan.fast_hw if fast else plan.slow_hw)
+
+    parts: dict[bool, list[Tensor]] = {False: [], True: []}
+    for (fast, _), out in zip(jobs, list(ordered_map(resize, jobs, threads))):
+        parts[fast].append(out)
+    return plan, {fast: torch.cat(ps) if len(ps) > 1 else ps[0] for fast, ps in parts.items() if ps}
 
 
 def preprocess_video(source: VideoSource, cfg: VideoConfig) -> VideoResult:

@@ -63,8 +63,9 @@ def video_stream_header(container, what: str) -> tuple[object, float, int]:
     return stream, float(rate), stream.frames
 
 
-def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> DecodedFrames:
+def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker, *, threads: int = 0) -> DecodedFrames:
     """Decode with PyAV, keeping only the picked frames (converted to RGB as decoded, in display order).
+    `threads`: decoding threads for one video (0: one per CPU available).
 
     Frames are counted as the container announces them, as decord does; a file whose picked frames do
     not all decode is truncated or corrupt and raises ValueError.
@@ -86,7 +87,7 @@ def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decoded
             raise ValueError(f"video {what} has no frames")
         indices = pick(total, native_fps)
         _check_picked(indices, total, what)
-        kept = _decode_planned(av, source, set(indices), native_fps, what)
+        kept = _decode_planned(av, source, set(indices), native_fps, what, threads)
         decoded = len(kept or ())
         if kept is None or len(kept) != len(set(indices)):  # no pts map or a frame missing: count frames
             kept, decoded = _decode_wanted(av, container, stream, set(indices), what)
@@ -96,17 +97,21 @@ def decode_pyav(source: str | os.PathLike | bytes, pick: IndexPicker) -> Decoded
             f"video {what} is truncated or corrupt: it announces {total} frames but only {decoded} decode "
             f"(frame {missing[0]} is missing)"
         )
-    return DecodedFrames(
-        frames=_stack([kept[i] for i in indices]), indices=indices, native_fps=native_fps, total_frames=total
-    )
+    if getattr(kept, "array", None) is not None and indices == sorted(kept):
+        frames = torch.from_numpy(kept.array).permute(0, 3, 1, 2)  # already one array in this order
+    else:  # the sequential decoder's frames, or repeated indices
+        frames = _stack([kept[i] for i in indices])
+    return DecodedFrames(frames=frames, indices=indices, native_fps=native_fps, total_frames=total)
 
 
-def _decode_planned(av, source, wanted: set[int], fps: float, what: str) -> dict[int, np.ndarray] | None:
+def _decode_planned(
+    av, source, wanted: set[int], fps: float, what: str, threads: int
+) -> dict[int, np.ndarray] | None:
     """The wanted frames by seeking and skipping (video_seek), or None where that cannot be used."""
     from keye_train.data.media.video_seek import decode_planned
 
     try:
-        kept, _ = decode_planned(av, source, wanted=wanted, fps=fps, what=what)
+        kept, _ = decode_planned(av, source, wanted=wanted, fps=fps, what=what, threads=threads)
     except (ValueError, av.error.FFmpegError):  # sequential decoding gives the reason, or the frames
         return None
     return kept
@@ -174,9 +179,10 @@ def decord_available() -> bool:
 
 
 def decode_video(
-    source: str | os.PathLike | bytes, pick: IndexPicker, *, decoder: str = "auto"
+    source: str | os.PathLike | bytes, pick: IndexPicker, *, decoder: str = "auto", threads: int = 0
 ) -> DecodedFrames:
-    """Decode a video file or its bytes, keeping the frames `pick(total_frames, native_fps)` selects."""
+    """Decode a video file or its bytes, keeping the frames `pick(total_frames, native_fps)` selects.
+    `threads`: PyAV decoding threads for this video (0: one per CPU available); decord picks its own."""
     if isinstance(source, bytes | bytearray | memoryview):
         source = bytes(source)
         if not source:
@@ -188,7 +194,7 @@ def decode_video(
         # sampled; decord decodes every frame up to the last one sampled. Both give the same frames.
         decoder = "pyav"
     if decoder == "pyav":
-        return decode_pyav(source, pick)
+        return decode_pyav(source, pick, threads=threads)
     if decoder == "decord":
         return decode_decord(source, pick)
     raise ValueError(f"video decoder={decoder!r} is not supported; use one of {DECODERS}")
