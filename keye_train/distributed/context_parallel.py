@@ -54,11 +54,16 @@ class ContextParallelConfig:
 
 def _init_deepspeed_comm() -> None:
     """DistributedAttention talks through `deepspeed.comm`, which must wrap the existing torch process
-    group once per process (its collectives then run on the groups we pass). On CPU its first use JIT-builds
-    DeepSpeed's shared-memory comm op (~1-2 min once per machine, cached in ~/.cache/torch_extensions)."""
+    group once per process (its collectives then run on the groups we pass)."""
     import deepspeed.comm as ds_comm
+    import deepspeed.ops
 
     if not ds_comm.is_initialized():
+        # Its backend JIT-compiles a shared-memory all-reduce op on first init (g++ over torch's headers:
+        # 36 s on a fresh 2-core machine, more under load) that only its own inference all-reduce calls;
+        # Ulysses needs nothing but all-to-all on our groups. An op marked incompatible is not built
+        # (DeepSpeed probes this dict once per process and keeps edits to it).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
 
 

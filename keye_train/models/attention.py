@@ -26,6 +26,10 @@ def rows_as_segments(batch: int, seqlen: int, device: torch.device) -> Tensor:
     return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
+# Not traced by torch.compile: the grouping by length is Python over cu_seqlens' values, so dynamo would break
+# the graph inside it and specialise (recompile) the rest on every new document layout; one break at the call
+# instead leaves each block's compiled graphs independent of the packing (and halves CPU compile time).
+@torch.compiler.disable
 def sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, causal: bool) -> Tensor:
     """Reference path: segments of equal length are batched into one SDPA call each.
 

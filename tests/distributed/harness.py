@@ -33,6 +33,21 @@ def parity_optimizer(params, *, lr: float = PARITY_LR) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
+# Ranks are forked from one server process that has imported torch and the trainer already
+# (keye_train.testing.rank_preload, an installed module: Python 3.11's fork server ignores the tests'
+# sys.path), not spawned as fresh interpreters that each import them (and pytest)
+# again: ~4 CPU-s per rank, most of a small layout's time on a loaded 2-core machine. Forking is safe: the
+# server only imports (no process group, no parallel op); each rank sets its threads and joins its group
+# after the fork.
+_PRELOAD = ["keye_train.testing.rank_preload"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def _entry(rank: int, world_size: int, store: str, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # several ranks share 2 cores: oversubscription would only slow them down
@@ -54,9 +69,9 @@ def _entry(rank: int, world_size: int, store: str, fn: Callable, args: tuple, ou
 def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 240) -> list:
     """Run fn(rank, world_size, *args) on world_size gloo ranks; returns every rank's return value.
 
-    fn must be a module-level function (it is pickled into spawned processes).
+    fn must be a module-level function (it is pickled into the forked processes).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory() as out_dir:
         store = os.path.join(out_dir, "rendezvous")
         procs = [

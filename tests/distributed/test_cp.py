@@ -215,6 +215,9 @@ def _cp_ranks(rank, world_size):
 
     # CP2 alone (each dp group trains on the same seed-0 batch; gradients summed over cp only).
     model = apply_context_parallel(build_model(cfg, seed=0), cp_mesh=cp_mesh)
+    from deepspeed.comm import comm as ds_comm
+
+    out["shm_op_built"] = ds_comm.cdb.shm_comm_op is not None
     batch = toy_packed_batch(cfg, seed=0, seq_len=SEQ_LEN)
     with torch.no_grad():  # negative control: a slice with the wrong M-RoPE positions changes the loss
         part = split_for_context_parallel(
@@ -325,6 +328,8 @@ def test_ulysses_cp2_dp2_cp2_and_tp2_cp2_match_single_process():
         _assert_matches(result["cp"]["dp2_cp2"], ref_union, f"DP2xCP2 rank {rank}")
         assert result["cp"]["wrong_positions_delta"] > 1e-3, rank
         assert "cp_impl='ring' needs CUDA" in result["cp"]["ring_on_cpu"], rank
+        # DeepSpeed's comm wraps our group without JIT-building its shared-memory op (36 s of g++ a machine).
+        assert not result["cp"]["shm_op_built"], rank
         _assert_matches(result["tp_cp"], ref_tp_cp, f"TP2xCP2 rank {rank}")
     # The two references differ by far more than the tolerance: the DP union is really checked.
     assert abs(ref_union["losses"][0] - ref_cp["losses"][0]) > 1e-3

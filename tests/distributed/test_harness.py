@@ -1,5 +1,7 @@
 """The gloo harness itself: ranks run, results come back, failures surface with the rank's traceback."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,10 +13,17 @@ pytestmark = pytest.mark.dist
 
 
 def _sum_ranks(rank, world_size):
+    from keye_train.testing import rank_preload
+
     t = torch.tensor([float(rank)])
     dist.all_reduce(t)
     dims = ParallelDims(world_size=world_size, tp=2)
-    return {"sum": t.item(), "coords": dims.rank_coordinates, "dp": dims.dp}
+    return {
+        "sum": t.item(),
+        "coords": dims.rank_coordinates,
+        "dp": dims.dp,
+        "forked_preloaded": os.getppid() == rank_preload.SERVER_PID,
+    }
 
 
 def _fail(rank, world_size):
@@ -29,6 +38,9 @@ def test_ranks_communicate_and_mesh_coordinates_are_consistent():
     assert [r["coords"]["tp"] for r in results] == [0, 1, 0, 1]
     assert [r["coords"]["dp_shard"] for r in results] == [0, 0, 1, 1]
     assert {r["dp"] for r in results} == {2}
+    # Forked from the harness's server after its imports (a preload that failed to import would fork
+    # ranks that import everything again, silently: ~3.5 CPU-s each).
+    assert all(r["forked_preloaded"] for r in results)
 
 
 def test_a_failing_rank_is_reported_with_its_traceback():
