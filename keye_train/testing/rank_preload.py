@@ -1,8 +1,9 @@
 """What the layout tests' fork server imports once, before it forks the ranks (tests/distributed/harness.py).
 
 Every rank of every layout test needs torch's distributed stack and the trainer; importing them is
-~3.5 CPU-seconds per interpreter. Importing only: nothing here may start a thread or run a parallel op,
-since the ranks are forked from this process.
+~4 CPU-seconds per interpreter. Imports only: the ranks are forked from this process, so nothing here may
+initialise a process group or run a parallel op (the library threads torch and numpy start at import are
+fork-safe, as for DataLoader's forked workers).
 """
 
 import os

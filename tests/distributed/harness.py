@@ -35,10 +35,9 @@ def parity_optimizer(params, *, lr: float = PARITY_LR) -> torch.optim.Optimizer:
 
 # Ranks are forked from one server process that has imported torch and the trainer already
 # (keye_train.testing.rank_preload, an installed module: Python 3.11's fork server ignores the tests'
-# sys.path), not spawned as fresh interpreters that each import them (and pytest)
-# again: ~4 CPU-s per rank, most of a small layout's time on a loaded 2-core machine. Forking is safe: the
-# server only imports (no process group, no parallel op); each rank sets its threads and joins its group
-# after the fork.
+# sys.path), not spawned as fresh interpreters that each import them (and pytest) again: ~4 CPU-s per
+# rank, most of a small layout's time on a loaded 2-core machine. Forking is safe: the server only imports
+# (no process group, no parallel op); each rank sets its threads and joins its group after the fork.
 _PRELOAD = ["keye_train.testing.rank_preload"]
 
 

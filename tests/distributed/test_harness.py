@@ -39,7 +39,7 @@ def test_ranks_communicate_and_mesh_coordinates_are_consistent():
     assert [r["coords"]["dp_shard"] for r in results] == [0, 0, 1, 1]
     assert {r["dp"] for r in results} == {2}
     # Forked from the harness's server after its imports (a preload that failed to import would fork
-    # ranks that import everything again, silently: ~3.5 CPU-s each).
+    # ranks that import everything again, silently: ~4 CPU-s each).
     assert all(r["forked_preloaded"] for r in results)
 
 
