@@ -38,13 +38,8 @@ def parity_optimizer(params, *, lr: float = PARITY_LR) -> torch.optim.Optimizer:
 # sys.path), not spawned as fresh interpreters that each import them (and pytest) again: ~4 CPU-s per
 # rank, most of a small layout's time on a loaded 2-core machine. Forking is safe: the server only imports
 # (no process group, no parallel op); each rank sets its threads and joins its group after the fork.
-_PRELOAD = ["keye_train.testing.rank_preload"]
-
-
-def _context():
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["keye_train.testing.rank_preload"])  # the server starts on first use
 
 
 def _entry(rank: int, world_size: int, store: str, fn: Callable, args: tuple, out_dir: str) -> None:
@@ -70,11 +65,10 @@ def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: flo
 
     fn must be a module-level function (it is pickled into the forked processes).
     """
-    ctx = _context()
     with tempfile.TemporaryDirectory() as out_dir:
         store = os.path.join(out_dir, "rendezvous")
         procs = [
-            ctx.Process(target=_entry, args=(rank, world_size, store, fn, args, out_dir))
+            _CONTEXT.Process(target=_entry, args=(rank, world_size, store, fn, args, out_dir))
             for rank in range(world_size)
         ]
         for p in procs:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import PARAM_ATOL, PARAM_RTOL, PARITY_LR, parity_optimizer, reference_run, run_ranks
+from test_pp import full_tensor, reference_rows
 from torch.distributed.tensor import DTensor
 
 from keye_train.distributed.context_parallel import (
@@ -55,40 +56,11 @@ def _forward(model, batch, **kw):
     )
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-
-
-def _union_batch(cfg, seeds) -> dict[str, torch.Tensor]:
-    """The DP ranks' batches as one B=len(seeds) batch (cu_seqlens over the flattened B*S tokens)."""
-    batches = [toy_packed_batch(cfg, seed=s, seq_len=SEQ_LEN) for s in seeds]
-    cu = [batches[0]["cu_seqlens"]] + [b["cu_seqlens"][1:] + i * SEQ_LEN for i, b in enumerate(batches) if i]
-    return {
-        "input_ids": torch.cat([b["input_ids"] for b in batches]),
-        "labels": torch.cat([b["labels"] for b in batches]),
-        "position_ids": torch.cat([b["position_ids"] for b in batches], dim=1),
-        "cu_seqlens": torch.cat(cu),
-        "pixel_values": torch.cat([b["pixel_values"] for b in batches]),
-        "grid_thw": torch.cat([b["grid_thw"] for b in batches]),
-    }
-
-
-def _reference(batch, *, cfg=None) -> dict:
-    """Single process: losses, first-step gradients and parameters after STEPS SGD steps."""
-    model = build_model(cfg or tiny(), seed=0)
-    optimizer = parity_optimizer(model.parameters(), lr=LR)
-    losses, grads = [], {}
-    for step in range(STEPS):
-        loss_sum, count = token_cross_entropy(
-            _forward(model, batch, pixel_values=batch["pixel_values"]), batch["labels"]
-        )
-        optimizer.zero_grad()
-        (loss_sum / count).backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        losses.append((loss_sum / count).item())
-    return {"losses": losses, "grads": grads, "params": {n: _full(p) for n, p in model.named_parameters()}}
+def _reference(cfg, *, rows: int) -> dict:
+    """Single process on `rows` toy rows (seeds 0..rows-1): losses, first-step gradients and parameters
+    after STEPS SGD steps (test_pp's reference, as the dict the layouts return)."""
+    losses, grads, params = reference_rows(cfg, rows=rows, steps=STEPS, lr=LR)
+    return {"losses": losses, "grads": grads, "params": params}
 
 
 def _assert_matches(result: dict, ref: dict, what: str) -> None:
@@ -202,9 +174,13 @@ def _train(model, batch, *, reduce_grads_over, **step_kw) -> dict:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=reduce_grads_over.get_group())
         if step == 0:
-            grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            grads = {n: full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-    return {"losses": losses, "grads": grads, "params": {n: _full(p) for n, p in model.named_parameters()}}
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": {n: full_tensor(p) for n, p in model.named_parameters()},
+    }
 
 
 def _cp_ranks(rank, world_size):
@@ -300,12 +276,16 @@ def _tp_cp_ranks(rank, world_size):
                 local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                 dist.all_reduce(local, group=cp_mesh.get_group())
         if step == 0:
-            grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            grads = {n: full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         logged = loss_sum.detach().clone()
         dist.all_reduce(logged, group=cp_mesh.get_group())
         losses.append((logged / total).item())
-    return {"losses": losses, "grads": grads, "params": {n: _full(p) for n, p in model.named_parameters()}}
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": {n: full_tensor(p) for n, p in model.named_parameters()},
+    }
 
 
 def _all_cp_ranks(rank, world_size):
@@ -316,12 +296,12 @@ def _all_cp_ranks(rank, world_size):
 @pytest.mark.dist
 def test_ulysses_cp2_dp2_cp2_and_tp2_cp2_match_single_process():
     cfg = tiny()
-    ref_cp = _reference(toy_packed_batch(cfg, seed=0, seq_len=SEQ_LEN))
+    ref_cp = _reference(cfg, rows=1)
     harness_losses, harness_params = reference_run(cfg, steps=STEPS, lr=LR, seq_len=SEQ_LEN)
     assert ref_cp["losses"] == pytest.approx(harness_losses, rel=1e-6)  # same reference as the harness's
-    ref_union = _reference(_union_batch(cfg, seeds=(0, 1)))
+    ref_union = _reference(cfg, rows=2)  # the DP ranks' batches (seeds 0, 1) as one
     wide = _wide_heads()
-    ref_tp_cp = _reference(toy_packed_batch(wide, seed=0, seq_len=SEQ_LEN), cfg=wide)
+    ref_tp_cp = _reference(wide, rows=1)
     results = run_ranks(_all_cp_ranks, world_size=4)
     for rank, result in enumerate(results):
         _assert_matches(result["cp"]["cp2"], ref_cp, f"CP2 rank {rank}")
