@@ -8,9 +8,7 @@ The checkpoint code is split by responsibility: `layout` (names, marker, validat
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from keye_train.checkpoint.kill_points import kill_point
 from keye_train.checkpoint.layout import (  # noqa: F401  (re-exported)
     FINAL_DIR,
     FORMAT_VERSION,
@@ -37,6 +36,7 @@ from keye_train.checkpoint.layout import (  # noqa: F401  (re-exported)
     step_dirs,
     write_marker,
 )
+from keye_train.checkpoint.staging import atomic_output_dir
 from keye_train.checkpoint.stateful import (  # noqa: F401  (re-exported)
     ModelStateful,
     OptimizerStateful,
@@ -47,7 +47,6 @@ from keye_train.checkpoint.stateful import (  # noqa: F401  (re-exported)
     set_rng_state,
     unpack,
 )
-from keye_train.checkpoint.verify import remove_stale_staging
 from keye_train.models.configs import (
     KeyeConfig,
     LanguageConfig,
@@ -159,26 +158,18 @@ def iter_model_tensors(
 
 
 def write_model_checkpoint(
-    state: Mapping[str, torch.Tensor], out_dir: str | Path, *, meta: Mapping[str, Any]
+    state: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    meta: Mapping[str, Any],
+    log: Callable[[str], None] = print,
 ) -> Path:
     """A model-only DCP checkpoint (single process), complete with marker, appearing atomically at out_dir.
 
     Used by import and merge: the result loads as `init_from` and as a resume source (model only).
     """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists():
-        raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir)
-    temp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        with quiet_dcp():
-            dcp.save(
-                {MODEL_KEY: dict(state), META_KEY: pack(dict(meta))}, checkpoint_id=str(temp), no_dist=True
-            )
+    with atomic_output_dir(out_dir, log=log) as temp, quiet_dcp():
+        dcp.save({MODEL_KEY: dict(state), META_KEY: pack(dict(meta))}, checkpoint_id=str(temp), no_dist=True)
+        kill_point("dcp.written")
         write_marker(temp, step=meta.get("step"))
-        os.replace(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).absolute()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +25,11 @@ from keye_train.checkpoint.hf import (
     expected_text_tower_layout,
     layout_error,
     load_keye_config,
-    save_keye_hf,
+    write_keye_hf,
 )
 from keye_train.checkpoint.hf_bundle import write_bundle
 from keye_train.checkpoint.safetensors_io import ShardedWriter, iter_checkpoint, parse_dtype, read_layout
-from keye_train.checkpoint.verify import remove_stale_staging
+from keye_train.checkpoint.staging import atomic_output_dir
 from keye_train.models.configs import TextTowerConfig
 
 
@@ -106,7 +104,6 @@ def export_to_hf(
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         raise FileExistsError(f"output directory {out_dir} already exists; remove it or choose another path")
-    remove_stale_staging(out_dir, log=log)  # earlier killed exports' staging dirs
     tokenizer = _check_tokenizer_dir(Path(tokenizer_dir)) if tokenizer_dir is not None else None
     source = resolve_checkpoint(ckpt_dir, log=log)
     cfg = saved_keye_config(source)
@@ -129,13 +126,11 @@ def export_to_hf(
         log(f"export: leaving out {len(extra)} tensors outside the Keye-VL-1.5 layout, e.g. {extra[:3]}")
     keys = [k for k in specs if k in expected]
     log(f"export: {source} -> {out_dir} ({len(keys)} tensors, {parse_dtype(dtype)})")
-    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        save_keye_hf(
+    with atomic_output_dir(out_dir, log=log) as staging:
+        write_keye_hf(
             iter_model_tensors(source, keys=keys, group_bytes=group_bytes),
             cfg=cfg,
-            out_dir=staging,
+            directory=staging,
             dtype=dtype,
             max_shard_bytes=max_shard_bytes,
             log=log,
@@ -145,10 +140,6 @@ def export_to_hf(
                 source, tower_keys, cfg.text_tower, staging / TEXT_TOWER_DIR, dtype=dtype, log=log
             )
         write_bundle(staging, cfg=cfg, tokenizer_dir=tokenizer, log=log)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"export: wrote {out_dir}" + (f" with the tokenizer of {tokenizer}" if tokenizer else ""))
     return out_dir
 
@@ -160,7 +151,6 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, log: Callable[[st
     state dict, so the weights are held in memory once (about 17 GB for the 8B model in bf16).
     """
     hf_dir = Path(hf_dir)
-    remove_stale_staging(out_dir, log=log)  # issue 13: earlier killed imports' staging dirs
     cfg = load_keye_config(hf_dir)
     missing, unexpected, mismatched = compare_layout(read_layout(hf_dir), expected_keye_layout(cfg))
     if missing or unexpected or mismatched:
@@ -169,6 +159,6 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, *, log: Callable[[st
         log(f"import: {hf_dir / TEXT_TOWER_DIR} (SigLIP text tower) is not imported; only the Keye model is")
     state = dict(iter_checkpoint(hf_dir))
     log(f"import: {hf_dir} -> {out_dir} ({len(state)} tensors)")
-    write_model_checkpoint(state, out_dir, meta=make_meta(step=None, keye_cfg=cfg))
+    write_model_checkpoint(state, out_dir, meta=make_meta(step=None, keye_cfg=cfg), log=log)
     log(f"import: wrote {out_dir}")
     return Path(out_dir)

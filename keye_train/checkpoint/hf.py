@@ -21,16 +21,17 @@ from keye_train.checkpoint.hf_config import (
     text_tower_config_from_siglip,
     vision_config_from_siglip,
 )
+from keye_train.checkpoint.kill_points import kill_point
 from keye_train.checkpoint.safetensors_io import (
     ShardedWriter,
     TensorInfo,
-    atomic_output_dir,
     checkpoint_files,
     iter_checkpoint,
     iter_shard,
     parse_dtype,
     read_layout,
 )
+from keye_train.checkpoint.staging import atomic_output_dir
 from keye_train.models.configs import KeyeConfig, TextTowerConfig
 
 # The config mapping is re-exported: callers use this module as the one HF entry point.
@@ -57,6 +58,7 @@ __all__ = [
     "meta_state_shapes",
     "read_config",
     "save_keye_hf",
+    "write_keye_hf",
     "text_tower_config_from_siglip",
     "vision_config_from_siglip",
 ]
@@ -192,33 +194,59 @@ def save_keye_hf(
     extra_config: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Write a Keye-VL-1.5 HF dir (config.json + sharded safetensors + index), atomically.
+    """write_keye_hf into a staging dir renamed to `out_dir` when complete (nothing at `out_dir` on any
+    error)."""
+    with atomic_output_dir(out_dir, log=log or print) as temp:
+        files = write_keye_hf(
+            state,
+            cfg=cfg,
+            directory=temp,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            extra_config=extra_config,
+            log=log,
+        )
+    return [Path(out_dir) / f.name for f in files]
 
-    Tensors are checked against the layout of `cfg` as they stream in; any disagreement raises before
-    `out_dir` appears. Only one output shard is held in memory.
+
+def write_keye_hf(
+    state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    cfg: KeyeConfig,
+    directory: Path,
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_bytes: int = 5 * 10**9,
+    extra_config: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """A Keye-VL-1.5 HF model (config.json + sharded safetensors + index) written into `directory`, a
+    conversion's staging dir.
+
+    Tensors are checked against the layout of `cfg` as they stream in; any disagreement raises. Only one
+    output shard is held in memory.
     """
     expected = expected_keye_layout(cfg)
     items = state.items() if isinstance(state, Mapping) else state
     torch_dtype = parse_dtype(dtype)
-    with atomic_output_dir(out_dir) as temp:
-        writer = ShardedWriter(temp, max_shard_bytes=max_shard_bytes, dtype=torch_dtype, log=log)
-        seen: set[str] = set()
-        for key, tensor in items:
-            if key not in expected:
-                raise ValueError(f"tensor {key!r} is not part of the Keye-VL-1.5 layout; nothing was written")
-            if tuple(tensor.shape) != expected[key]:
-                raise ValueError(
-                    f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected[key])}"
-                )
-            writer.add(key, tensor)
-            seen.add(key)
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise ValueError(f"{len(missing)} Keye-VL-1.5 tensors were not given, e.g. {missing[:3]}")
-        files = writer.close()
-        config = keye_config_to_hf(cfg, dtype=torch_dtype, extra=extra_config)
-        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return [Path(out_dir) / f.name for f in files]
+    writer = ShardedWriter(directory, max_shard_bytes=max_shard_bytes, dtype=torch_dtype, log=log)
+    seen: set[str] = set()
+    for key, tensor in items:
+        if key not in expected:
+            raise ValueError(f"tensor {key!r} is not part of the Keye-VL-1.5 layout; nothing was written")
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(
+                f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected[key])}"
+            )
+        writer.add(key, tensor)
+        seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{len(missing)} Keye-VL-1.5 tensors were not given, e.g. {missing[:3]}")
+    files = writer.close()
+    config = keye_config_to_hf(cfg, dtype=torch_dtype, extra=extra_config)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    kill_point("weights.written")
+    return files
 
 
 @torch.no_grad()

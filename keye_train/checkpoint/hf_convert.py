@@ -29,12 +29,12 @@ from keye_train.checkpoint.hf_config import PACKING_KEY
 from keye_train.checkpoint.safetensors_io import (
     ShardedWriter,
     TensorInfo,
-    atomic_output_dir,
     checkpoint_files,
     iter_shard,
     parse_dtype,
     read_layout,
 )
+from keye_train.checkpoint.staging import atomic_output_dir
 from keye_train.models.configs import KeyeConfig, ProjectorConfig
 
 # Fields of the source Qwen3 config.json that keye_train does not model but inference stacks read.
@@ -185,7 +185,7 @@ def init_from_siglip_qwen3(
                 "from the config.json sizes"
             )
 
-    with atomic_output_dir(out_dir) as temp:
+    with atomic_output_dir(out_dir, log=log) as temp:
         writer = ShardedWriter(
             temp, max_shard_bytes=max_shard_bytes, dtype=torch_dtype, log=log, label="keye"
         )

@@ -22,7 +22,6 @@ from keye_train.checkpoint.dcp import (
 )
 from keye_train.checkpoint.hf import expected_keye_layout, load_keye_config, save_keye_hf
 from keye_train.checkpoint.safetensors_io import parse_dtype, read_layout
-from keye_train.checkpoint.verify import remove_stale_staging
 from keye_train.models.configs import KeyeConfig
 
 OUT_FORMATS = ("hf", "dcp")
@@ -213,7 +212,6 @@ def merge_checkpoints(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"output directory {out} already exists; remove it or choose another path")
-    remove_stale_staging(out, log=log)
     torch_dtype = parse_dtype(dtype)
     weights = normalise_weights([w for _, w in inputs], log=log)
     sources = [_Source(path, log=log) for path, _ in inputs]
@@ -230,13 +228,15 @@ def merge_checkpoints(
         log(f"merge: {weight:.6f} x {path} ({source.kind})")
     merged = _merged_tensors(sources, weights, keys, group_bytes=group_bytes, log=log)
     if out_format == "hf":
-        save_keye_hf(merged, cfg=cfg, out_dir=out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes)
+        save_keye_hf(
+            merged, cfg=cfg, out_dir=out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes, log=log
+        )
     else:
         # DCP writes one checkpoint from one state dict: the merged model is held once, in `dtype`.
         state = {k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in merged}
         meta = make_meta(step=None, keye_cfg=cfg)
         meta["merged_from"] = [{"path": str(p), "weight": w} for (p, _), w in zip(inputs, weights)]
-        write_model_checkpoint(state, out, meta=meta)
+        write_model_checkpoint(state, out, meta=meta, log=log)
     log(f"merge: wrote {out} ({out_format}, {torch_dtype})")
     return out
 

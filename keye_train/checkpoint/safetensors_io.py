@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +13,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from keye_train.checkpoint.kill_points import kill_point
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,6 +148,18 @@ def iter_checkpoint(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     """(key, tensor) over every shard of a checkpoint dir, shard by shard."""
     for file in checkpoint_files(directory):
         yield from iter_shard(file)
+        kill_point("source.read")
+
+
+def _as_os_error(err: Exception, path: Path) -> Exception:
+    """safetensors reports a failed write as `SafetensorError: ... (os error 28)`: the OSError it stands
+    for, naming the file, so a full disk reads like every other failed write."""
+    if isinstance(err, OSError):
+        return err
+    code = re.search(r"(?:os error |Os \{ code: )(\d+)", str(err))
+    if code is None:
+        return err
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
 
 
 class ShardedWriter:
@@ -212,7 +223,11 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.directory / f"shard-{len(self._written) + 1:05d}.partial"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(path), metadata={"format": "pt"})
+        except Exception as err:  # safetensors' own error type derives from Exception only
+            raise _as_os_error(err, path) from err
+        kill_point("shard.written")
         self._written.append((path, list(self._pending)))
         if self.log is not None:
             self.log(
@@ -244,27 +259,3 @@ class ShardedWriter:
         }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return files
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path) -> Iterator[Path]:
-    """Yields a temp dir beside `target`, renamed to `target` on success and deleted on any failure.
-
-    So a failed or interrupted conversion never leaves a half-written model where a complete one is
-    expected. `target` must not exist yet.
-    """
-    target = Path(target).absolute()
-    if target.exists():
-        raise FileExistsError(f"output directory {target} already exists; remove it or choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield temp
-        # mkdtemp makes the dir private (0700); the finished model gets the permissions of a plain mkdir.
-        umask = os.umask(0)
-        os.umask(umask)
-        temp.chmod(0o777 & ~umask)
-        os.replace(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise

@@ -4,9 +4,6 @@ DCP's own metadata says which byte ranges of which files hold each tensor, but n
 contents: flipped bits in a data file load silently (issue 13: the loss went to 6.7e21). Every file of a
 checkpoint dir (the `.distcp` data files and `.metadata`) therefore gets a SHA-256 in the marker, written
 last; load, resume, export, import and merge re-hash and compare before reading a tensor.
-
-Also here: finding and removing the hidden staging dirs (`.NAME.tmp-*`, `.NAME.export-*`) that a killed
-conversion leaves.
 """
 
 from __future__ import annotations
@@ -14,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,51 +115,3 @@ def root_os_error(exc: BaseException) -> OSError | None:
                 stack.append(value[0] if isinstance(value, tuple) else value)
         stack.extend([current.__cause__, current.__context__])
     return None
-
-
-# --------------------------------------------------------------------------- staging dirs of conversions
-
-# `.NAME.tmp-<pid>` (write_model_checkpoint), `.NAME.tmp-<random>` (safetensors staging),
-# `.NAME.export-<pid>` (export).
-_STAGING = re.compile(r"^\.(?P<target>.+)\.(?:tmp|export)-(?P<suffix>[^/]+)$")
-
-
-def _pid_alive(suffix: str) -> bool:
-    if not suffix.isdigit():
-        return False
-    try:
-        os.kill(int(suffix), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(target: str | Path, *, log: Callable[[str], None] = print) -> list[Path]:
-    """Removes hidden staging dirs (`.NAME.tmp-*`, `.NAME.export-*`) next to `target` left by killed
-    conversions (export, import, merge).
-
-    A staging dir of `target` itself is stale whatever its suffix (this process is about to write
-    `target`); one of another name is stale when its suffix is the pid of a process no longer running.
-    Returns the removed paths; each removal is logged with its size.
-    """
-    target = Path(target).absolute()
-    parent = target.parent
-    if not parent.is_dir():
-        return []
-    removed = []
-    for entry in sorted(parent.iterdir()):
-        match = _STAGING.match(entry.name)
-        if match is None or not entry.is_dir():
-            continue
-        ours = match["target"] == target.name
-        if not ours and (not match["suffix"].isdigit() or _pid_alive(match["suffix"])):
-            continue
-        if ours and _pid_alive(match["suffix"]):
-            continue  # a concurrent writer of the same target: leave it to fail on its own
-        size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-        shutil.rmtree(entry, ignore_errors=True)
-        log(f"checkpoint: removed {entry} ({size} bytes), staging dir of an earlier interrupted conversion")
-        removed.append(entry)
-    return removed

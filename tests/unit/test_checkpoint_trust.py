@@ -16,7 +16,7 @@ from keye_train.checkpoint.manager import (
     CheckpointWriteError,
     TrainState,
 )
-from keye_train.checkpoint.verify import remove_stale_staging
+from keye_train.checkpoint.staging import remove_stale_staging
 from keye_train.cli.convert import main as convert_main
 from keye_train.cli.failure import one_line
 from keye_train.models.configs import tiny

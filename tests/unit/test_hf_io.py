@@ -22,11 +22,11 @@ from keye_train.checkpoint.hf import (
 )
 from keye_train.checkpoint.safetensors_io import (
     ShardedWriter,
-    atomic_output_dir,
     parse_dtype,
     parse_size,
     read_layout,
 )
+from keye_train.checkpoint.staging import atomic_output_dir
 from keye_train.models.configs import keye_8b, tiny
 from keye_train.models.keye import KeyeForConditionalGeneration, build_model
 
