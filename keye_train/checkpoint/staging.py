@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from keye_train.checkpoint.kill_points import kill_point
+from keye_train.checkpoint.verify import root_os_error
 
 _STAGING = re.compile(r"^\.(?P<target>.+)\.(?:tmp|export)-(?P<suffix>[^/]+)$")
 
@@ -83,9 +84,12 @@ def atomic_output_dir(target: str | Path, *, log: Callable[[str], None] = print)
     target = Path(target).absolute()
     if target.exists():
         raise FileExistsError(f"output directory {target} already exists; remove it or choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target, log=log)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(target, log=log)
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as err:
+        raise OutputWriteError(err.errno, err.strerror or str(err), str(target)) from err
     try:
         kill_point("staging.created")
         yield temp
@@ -95,6 +99,24 @@ def atomic_output_dir(target: str | Path, *, log: Callable[[str], None] = print)
         temp.chmod(0o777 & ~umask)
         kill_point("staging.complete")
         os.replace(temp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
-        raise
+        failure = _failed_write(exc, target=target, temp=temp)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+class OutputWriteError(OSError):
+    """A conversion's write the file system refused (disk full, read-only, ...), named by its target."""
+
+    detail = "nothing was written there"
+
+
+def _failed_write(exc: BaseException, *, target: Path, temp: Path) -> BaseException:
+    """`exc`, unless it is (or wraps, as DCP does) an OSError of a write into the staging dir: then an
+    OutputWriteError naming `target` (the staging dir is gone, and DCP's error names no file at all)."""
+    os_error = root_os_error(exc)
+    if os_error is None or (os_error.filename and not str(os_error.filename).startswith(str(temp))):
+        return exc
+    return OutputWriteError(os_error.errno, os_error.strerror or str(os_error), str(target))

@@ -84,17 +84,6 @@ def marker_checksums(step_dir: str | Path) -> dict[str, dict[str, Any]] | None:
     return files if isinstance(files, dict) else None
 
 
-def verify_or_raise(step_dir: str | Path, *, what: str) -> Path:
-    """Entry-point check of export, import and merge: ValueError naming the checkpoint and the problem."""
-    from keye_train.checkpoint.dcp import checkpoint_problem  # dcp imports this module
-
-    step_dir = Path(step_dir)
-    problem = checkpoint_problem(step_dir)
-    if problem is not None:
-        raise ValueError(f"{what}: checkpoint {step_dir} failed verification ({problem}); refusing to use it")
-    return step_dir
-
-
 # --------------------------------------------------------------------------- failed writes
 
 

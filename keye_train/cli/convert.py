@@ -10,6 +10,7 @@ from keye_train.checkpoint.export import export_to_hf, import_from_hf
 from keye_train.checkpoint.hf_convert import init_from_siglip_qwen3
 from keye_train.checkpoint.hf_inspect import inspect_checkpoint
 from keye_train.checkpoint.safetensors_io import parse_size
+from keye_train.cli.failure import run_command
 from keye_train.models.configs import PRESETS, preset
 
 _TOKEN_FIELDS = {
@@ -148,13 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 checkpoint problems, 2 usage errors)."""
+    """Entry point; returns the exit code (0 ok, 1 checkpoint problems or a failed write, 2 usage errors,
+    128 + N when stopped by signal N)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"keye-convert {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: args.func(args), prog=f"keye-convert {args.command}", target="--out")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from keye_train.cli.failure import run_command
+
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -231,11 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"keye-data {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    prog = f"keye-data {args.command}"
+    return run_command(lambda: args.func(args), prog=prog, target="--out", error_code=2)
 
 
 if __name__ == "__main__":

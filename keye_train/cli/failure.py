@@ -5,6 +5,9 @@ An error every rank hits alike (a bad config, a refused resume) is printed by ra
 ranks stay silent and give the launcher a moment to stop them, so the operator reads it once. Any other
 error is printed by the lowest rank that hit it: a rank stays silent when a lower rank logged the very
 same line during this run (several ranks reading the same bad file print it once, not once per rank).
+
+The other commands (keye-convert, keye-merge, keye-data) fail in the same one-line style through
+run_command, which also turns SIGTERM/SIGINT into an exception so that their staging dirs are cleaned.
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-
-from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 from keye_train.checkpoint.verify import root_os_error
 
@@ -36,26 +38,33 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def describe_os_error(err: OSError) -> str:
-    """'cannot write PATH: No space left on device (ENOSPC)'-style text naming the path and the cause."""
+# errno -> (what failed, the fix, with {target} the setting that names where the command writes)
+_OS_ERRORS = {
+    errno.ENOSPC: ("cannot write", "; free space there or point {target} elsewhere"),
+    errno.EDQUOT: ("cannot write", "; free space there or point {target} elsewhere"),
+    errno.EROFS: ("cannot write", "; the file system is read-only: choose a writable {target}"),
+    errno.EACCES: ("cannot write", "; make it writable or choose another {target}"),
+    errno.ENOENT: ("cannot find", ""),
+}
+TRAIN_TARGET = "run_dir/checkpoint.dir"
+
+
+def describe_os_error(err: OSError, *, target: str = TRAIN_TARGET) -> str:
+    """'cannot write PATH: No space left on device (ENOSPC); ...'-style text naming the path, the cause and
+    the fix; `target` is the setting that chooses where the command writes."""
     code = errno.errorcode.get(err.errno or 0, "")
     cause = (err.strerror or str(err)) + (f" ({code})" if code else "")
     path = err.filename or "a file"
-    hint = {
-        errno.ENOSPC: "; free space there or point run_dir/checkpoint.dir elsewhere",
-        errno.EDQUOT: "; free space there or point run_dir/checkpoint.dir elsewhere",
-        errno.EROFS: "; the file system is read-only: choose a writable run_dir/checkpoint.dir",
-        errno.EACCES: "; make it writable or choose another run_dir/checkpoint.dir",
-    }.get(err.errno or 0, "")
+    verb, hint = _OS_ERRORS.get(err.errno or 0, ("cannot use", ""))
     detail = getattr(err, "detail", "")
-    return f"cannot write {path}: {cause}" + (f"; {detail}" if detail else "") + hint
+    return f"{verb} {path}: {cause}" + (f"; {detail}" if detail else "") + hint.format(target=target)
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, *, target: str = TRAIN_TARGET) -> str:
     """The console line of an error: the OS cause when there is one, else the exception's first line."""
     os_error = root_os_error(exc)
     if os_error is not None:
-        return describe_os_error(os_error)
+        return describe_os_error(os_error, target=target)
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -88,6 +97,8 @@ def report_failure(exc: BaseException, *, run_dir: str | None, prefix: str = "ke
             time.sleep(FOLLOWER_GRACE_S)
         return 1
     log_path = write_traceback(exc, run_dir=run_dir)
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler  # torch: only here
+
     with contextlib.suppress(OSError):
         get_error_handler().record_exception(exc)  # torchrun's error file, when it set one
     if rank != 0 and run_dir and _lower_rank_failed_alike(exc, run_dir=run_dir, rank=rank):
@@ -124,3 +135,53 @@ def run_reporting(fn: Callable[[], int], *, run_dir: Callable[[], str | None]) -
         raise
     except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         return report_failure(exc, run_dir=run_dir())
+
+
+# --------------------------------------------------------------------------- the other commands
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during a command, raised in the main thread so that every cleanup on the way out
+    runs (a conversion's staging dir is removed). A BaseException: `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_command(fn: Callable[[], int], *, prog: str, target: str, error_code: int = 1) -> int:
+    """fn() of a command other than keye-train (keye-convert, keye-merge, keye-data), failing as training
+    does: a bad input or an OS error (disk full, read-only, a missing source) is one line on stderr naming
+    the path and the cause, with the fix (`target`: the option naming where the command writes).
+
+    SIGTERM and SIGINT raise Interrupted, so the staging dir is removed before the process exits with
+    128 + the signal; further signals are ignored meanwhile, so the cleanup itself is not cut short.
+    Anything else (a bug) keeps its traceback.
+    """
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - DCP wraps what it caught in a BaseException
+        if received:  # the Interrupted itself, or whatever wraps it (DCP's CheckpointException)
+            name = signal.Signals(received[0]).name
+            print(f"{prog}: stopped by {name}; unfinished output removed", file=sys.stderr, flush=True)
+            return 128 + received[0]
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (
+            isinstance(exc, (ValueError, RuntimeError, OSError)) or root_os_error(exc) is not None
+        ):
+            raise
+        print(f"{prog}: error: {one_line(exc, target=target)}", file=sys.stderr, flush=True)
+        return error_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from keye_train.checkpoint.merge import OUT_FORMATS, MergeConfig, merge_from_config
+from keye_train.cli.failure import run_command
 
 
 def _input(text: str) -> dict[str, Any]:
@@ -58,19 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns 0 on success, 1 on a bad config or checkpoint."""
+    """Entry point; returns 0 on success, 1 on a bad config or checkpoint or a failed write, 128 + N when
+    stopped by signal N."""
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _merge(args), prog="keye-merge", target="--out")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    data = _read_config(args.config) if args.config else {}
+    for key in ("out", "format", "dtype"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.input:
+        data["inputs"] = args.input
     try:
-        data = _read_config(args.config) if args.config else {}
-        for key in ("out", "format", "dtype"):
-            if getattr(args, key) is not None:
-                data[key] = getattr(args, key)
-        if args.input:
-            data["inputs"] = args.input
-        merge_from_config(MergeConfig(**data), log=lambda line: print(line, flush=True))
-    except (ValueError, RuntimeError, OSError, TypeError) as err:
-        print(f"keye-merge: error: {err}", file=sys.stderr)
-        return 1
+        cfg = MergeConfig(**data)
+    except TypeError as err:  # an input item with a key other than path/weight
+        raise ValueError(f"merge config: {err}") from None
+    merge_from_config(cfg, log=lambda line: print(line, flush=True))
     return 0
 
 

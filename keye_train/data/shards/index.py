@@ -291,6 +291,10 @@ def build_index(
             for entry in entries:
                 w.write(json.dumps(entry.to_json()) + "\n")
         os.replace(tmp, out)  # readers see the old index or the complete new one, never a partial file
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(out)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return out

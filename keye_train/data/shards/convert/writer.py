@@ -110,9 +110,16 @@ class ShardJob:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """`path` appears complete or not at all: a failed or interrupted write removes its temp file."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def _tar_bytes(samples: list[tuple[str, Sample]]) -> bytes:
