@@ -76,15 +76,22 @@ def keye_config_from_dict(data: Mapping[str, Any]) -> KeyeConfig:
 
 
 def make_meta(
-    *, step: int | None, keye_cfg: KeyeConfig | None, config_yaml: str = "", world_size: int = 1
+    *,
+    step: int | None,
+    keye_cfg: KeyeConfig | None,
+    config_yaml: str = "",
+    world_size: int = 1,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The `meta` item of every checkpoint: what export/merge need without loading any tensor."""
+    """The `meta` item of every checkpoint: what export/merge need without loading any tensor, and the id
+    of the run that wrote it (train/run_identity.py; None for conversions)."""
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
         "keye_config": keye_config_to_dict(keye_cfg) if keye_cfg is not None else None,
         "config_yaml": config_yaml,
         "world_size": world_size,
+        "run_id": run_id,
     }
 
 

@@ -33,6 +33,8 @@ from keye_train.checkpoint.dcp import (
     step_dirs,
     write_marker,
 )
+from keye_train.checkpoint.identity import read_run_id
+from keye_train.checkpoint.kill_points import kill_point
 from keye_train.checkpoint.model_weights import check_model_keys
 from keye_train.checkpoint.ranks import _barrier, _on_rank0, _rank, _world_size
 from keye_train.checkpoint.stateful import BLOB, BlobStateful
@@ -171,14 +173,18 @@ class CheckpointManager:
         """The checkpoint: a dict of Stateful objects (model, optimizer, scheduler, counters, RNG, data
         loader, any `extra`) plus the `meta` blob that export/merge read without a model."""
         items: dict[str, Any] = _stateful_items(state, rank=_rank(), step=step)
-        meta = make_meta(
+        items[META_KEY] = pack(self._meta(step, state))
+        return items
+
+    def _meta(self, step: int | None, state: TrainState) -> dict[str, Any]:
+        # The run id of the identity that preflight recorded in this dir (none in plain API use).
+        return make_meta(
             step=step,
             keye_cfg=state.resolved_keye_cfg(),
             config_yaml=state.config_yaml,
             world_size=_world_size(),
+            run_id=read_run_id(self.dir),
         )
-        items[META_KEY] = pack(meta)
-        return items
 
     def _prepare_dir(self, path: Path) -> None:
         if _rank() == 0:
@@ -193,6 +199,7 @@ class CheckpointManager:
         if not self.cfg.enabled:
             return None
         self.wait()
+        kill_point("checkpoint.start")
         path = self.step_dir(step)
         self._prepare_dir(path)
         items = self._save_dict(step, state)
@@ -240,6 +247,7 @@ class CheckpointManager:
             self._failed(path, err)
 
     def _finalize(self, step: int, path: Path) -> None:
+        kill_point("checkpoint.written")
         _barrier()  # every rank's files and DCP's .metadata are written
         if _rank() == 0:
             write_marker(path, step=step)
@@ -247,6 +255,7 @@ class CheckpointManager:
             self._prune()
         self.saved.append(path)
         _barrier()  # nobody looks for the marker before it exists
+        kill_point("checkpoint.saved")
 
     def _prune(self) -> None:
         if self.cfg.keep_last == 0:
@@ -318,12 +327,7 @@ class CheckpointManager:
         path = self.dir / FINAL_DIR
         self._prepare_dir(path)
         step = state.counters.get("step")
-        meta = make_meta(
-            step=step,
-            keye_cfg=state.resolved_keye_cfg(),
-            config_yaml=state.config_yaml,
-            world_size=_world_size(),
-        )
+        meta = self._meta(step, state)
         try:
             with quiet_dcp():
                 items = {MODEL_KEY: ModelStateful(state.model), META_KEY: pack(meta)}

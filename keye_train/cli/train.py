@@ -67,7 +67,8 @@ def _run(recipe: str, resolved, cfg) -> int:
     from omegaconf import OmegaConf
 
     resolved_yaml = OmegaConf.to_yaml(resolved, resolve=True)
-    broadcast_preflight(cfg, rank=rank, log=print)  # writable dirs, what resume continues, stage match
+    # Writable dirs, what resume continues, stage match; records the run's identity in run_dir.
+    broadcast_preflight(cfg, rank=rank, recipe=recipe, log=print)
     if rank == 0:
         save_resolved(resolved, os.path.join(cfg.run_dir, "config.yaml"))
         print(f"keye-train: {recipe} on {dims.describe()}, run_dir={cfg.run_dir}", flush=True)

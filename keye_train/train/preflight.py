@@ -1,4 +1,5 @@
-"""Checks before a run touches anything: writable dirs, what resume will continue, matching stages.
+"""Checks before a run touches anything: writable dirs, what resume will continue, matching stages, the
+run's identity (train/run_identity.py) and what a stage starts from (train/stage_handoff.py).
 
 Each failure is one `PreflightError` line naming the path or the two stages and the fix. Rank 0 decides
 (one rank reads the file system) and every rank raises the same error, so it is printed once.
@@ -6,25 +7,23 @@ Each failure is one `PreflightError` line naming the path or the two stages and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from keye_train.checkpoint.dcp import (
-    FINAL_DIR,
-    checkpoint_problem,
-    read_meta,
-    step_dirs,
-)
+from keye_train.checkpoint.dcp import FINAL_DIR, checkpoint_problem, step_dirs
+from keye_train.checkpoint.identity import IDENTITY_FILE
+from keye_train.train.run_identity import RunIdentity, check_own_run, settle_identity
+from keye_train.train.stage_handoff import check_same_stage, check_stage_input, stage_summary
 
 METRICS_FILE = "metrics.jsonl"
-# The stages in curriculum order: initialising from a later stage than the one being trained is refused.
-CURRICULUM = ("stage0_vit", "stage1_align", "stage2_multitask", "stage3_anneal")
+EVAL_FILE = "eval.jsonl"
 
 
 class PreflightError(ValueError):
@@ -59,24 +58,15 @@ def metrics_steps(run_dir: str | Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def saved_stage(step_dir: Path) -> dict[str, Any] | None:
-    """{name, train, loss} of the stage that wrote a checkpoint, from the config saved in its meta (the
-    YAML holds the stage as given; StageConfig fills in the named stage's preset, as at training time)."""
-    from keye_train.train.stages import StageConfig
-
+@contextlib.contextmanager
+def _as_preflight_error() -> Iterator[None]:
+    """The ValueErrors of the identity and stage checks, as PreflightErrors (printed once, by rank 0)."""
     try:
-        text = read_meta(step_dir).get("config_yaml") or ""
-        stage = (yaml.safe_load(text) or {}).get("stage") or {}
-        if not stage.get("name"):
-            return None
-        saved = StageConfig(name=stage["name"], train=stage.get("train"), loss=stage.get("loss"))
-        return stage_summary(saved)
-    except (ValueError, TypeError, yaml.YAMLError):
-        return None
-
-
-def _describe(stage: dict[str, Any]) -> str:
-    return f"{stage['name']} (trains {','.join(stage['train'])}, loss {stage['loss']})"
+        yield
+    except PreflightError:
+        raise
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
 
 
 def newest_checkpoint(directory: Path) -> Path | None:
@@ -91,6 +81,15 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return None
 
 
+@dataclass
+class ResumePlan:
+    """What a start continues: `latest` (a checkpoint) or nothing; `restart` when run_dir holds this run's
+    own metrics but no complete checkpoint (stopped before its first one): start over from step 0."""
+
+    latest: Path | None = None
+    restart: bool = False
+
+
 def check_resume(
     *,
     run_dir: str,
@@ -99,103 +98,108 @@ def check_resume(
     fresh_run: bool,
     stage: dict[str, Any],
     checkpoints_enabled: bool = True,
-) -> Path | None:
+    identity: RunIdentity | None = None,
+) -> ResumePlan:
     """What the run continues from; PreflightError when that is not what the operator can have meant.
 
-    - resume=true, no checkpoint, but run_dir holds another run's metrics: the checkpoint dir is
-      mistyped or deleted; refusing beats silently starting at step 0 and appending duplicate steps.
+    - resume=true, no complete checkpoint, run_dir holds metrics: this run's own (its identity matches and
+      checkpoint.dir is its own) restarts from step 0; another's, or one without identity, is refused:
+      a mistyped checkpoint.dir would otherwise silently restart at step 0 over the earlier metrics.
+    - a checkpoint.dir of another run, or a run_dir whose run had another config: refused, naming both.
     - resume=false in a run_dir with metrics (or checkpoints): needs fresh_run=true.
     - a checkpoint of another stage: refused, naming both.
     """
     ckpt = Path(checkpoint_dir)
     recorded = metrics_steps(run_dir)
     latest = newest_checkpoint(ckpt) if ckpt.is_dir() and checkpoints_enabled else None
-    if not resume or not checkpoints_enabled or fresh_run:
-        if (recorded or latest is not None) and not fresh_run:
-            why = "resume=false" if checkpoints_enabled else "checkpoint.enabled=false (nothing to resume)"
-            held = f"{recorded} step records in {METRICS_FILE}" + (f", checkpoint {latest}" if latest else "")
-            raise PreflightError(
-                f"{why} but run_dir {run_dir} already holds an earlier run ({held}); pass fresh_run=true "
-                "to start over (the old metrics and checkpoints are moved aside), or choose another run_dir"
-            )
-        return None
-    if latest is None:
-        if recorded:
-            state = "does not exist" if not ckpt.exists() else "holds no complete checkpoint"
-            raise PreflightError(
-                f"resume=true but checkpoint.dir {ckpt} {state}, while run_dir {run_dir} holds {recorded} "
-                f"step records of an earlier run in {METRICS_FILE}; point checkpoint.dir at that run's "
-                "checkpoints, or pass fresh_run=true to start over"
-            )
-        return None
-    saved = saved_stage(latest)
-    if (
-        saved is not None
-        and saved["name"] != "custom"
-        and (
-            saved["name"] != stage["name"]
-            or saved["train"] != stage["train"]
-            or saved["loss"] != stage["loss"]
-        )
-    ):
+    if fresh_run or (recorded == 0 and latest is None):
+        return ResumePlan()
+    if not resume and checkpoints_enabled:
+        held = f"{recorded} step records in {METRICS_FILE}" + (f", checkpoint {latest}" if latest else "")
         raise PreflightError(
-            f"checkpoint {latest} was written by stage {_describe(saved)}, but this run is stage "
-            f"{_describe(stage)}: resuming across stages is refused; use another run_dir for this stage "
-            f"(with stage.init_from={ckpt.parent if ckpt.name == 'checkpoints' else ckpt} to start from "
-            "its weights)"
+            f"resume=false but run_dir {run_dir} already holds an earlier run ({held}); pass fresh_run=true "
+            "to start over (the old metrics and checkpoints are moved aside), or choose another run_dir"
         )
-    return latest
+    with _as_preflight_error():
+        own = identity is not None and check_own_run(
+            run_dir=run_dir,
+            checkpoint_dir=ckpt if checkpoints_enabled else None,
+            identity=identity,
+            records=recorded,
+        )
+        if latest is not None:
+            check_same_stage(latest, checkpoint_dir=ckpt, stage=stage)
+            return ResumePlan(latest=latest)
+    if own:
+        return ResumePlan(restart=True)
+    if not checkpoints_enabled:
+        raise PreflightError(
+            f"checkpoint.enabled=false (nothing to resume) but run_dir {run_dir} already holds an earlier "
+            f"run ({recorded} step records in {METRICS_FILE}); pass fresh_run=true to start over (the old "
+            "metrics are moved aside), or choose another run_dir"
+        )
+    state = "does not exist" if not ckpt.exists() else "holds no complete checkpoint"
+    raise PreflightError(
+        f"resume=true but checkpoint.dir {ckpt} {state}, while run_dir {run_dir} holds {recorded} "
+        f"step records of an earlier run in {METRICS_FILE}; point checkpoint.dir at that run's "
+        "checkpoints, or pass fresh_run=true to start over"
+    )
 
 
-def check_init_from(source: Path, *, stage: dict[str, Any]) -> None:
-    """Initialising from a checkpoint of a LATER curriculum stage (e.g. stage 1 from stage 2's) is refused."""
-    saved = saved_stage(source)
-    if saved is None or saved["name"] not in CURRICULUM or stage["name"] not in CURRICULUM:
-        return
-    if CURRICULUM.index(saved["name"]) > CURRICULUM.index(stage["name"]):
-        raise PreflightError(
-            f"stage.init_from={source} holds stage {_describe(saved)}, which comes after this run's stage "
-            f"{_describe(stage)} in the curriculum; initialise from an earlier stage's output"
-        )
+def _aside(path: Path, stamp: str) -> Path:
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    path.rename(target)
+    return target
 
 
 def move_aside(run_dir: str, checkpoint_dir: str, *, log: Callable[[str], None]) -> None:
-    """fresh_run=true: the earlier run's metrics.jsonl and checkpoint dir get a timestamped suffix."""
+    """fresh_run=true: the earlier run's metrics, identity and checkpoint dir get a timestamped suffix."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (Path(run_dir) / METRICS_FILE, Path(checkpoint_dir)):
+    run = Path(run_dir)
+    for path in (run / METRICS_FILE, run / EVAL_FILE, run / IDENTITY_FILE, Path(checkpoint_dir)):
         if path.exists():
-            target = path.with_name(f"{path.name}.old-{stamp}")
-            path.rename(target)
-            log(f"fresh_run=true: moved the earlier run's {path} to {target}")
+            log(f"fresh_run=true: moved the earlier run's {path} to {_aside(path, stamp)}")
 
 
-def stage_summary(stage_cfg: Any) -> dict[str, Any]:
-    return {"name": stage_cfg.name, "train": sorted(stage_cfg.train), "loss": stage_cfg.loss}
+def restart_interrupted(run_dir: str, checkpoint_dir: str, *, log: Callable[[str], None]) -> None:
+    """This run stopped before its first complete checkpoint: its metrics move aside (timestamped), its
+    incomplete checkpoints go, and it starts over from step 0, saying so in one line."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    records = metrics_steps(run_dir)
+    moved = [
+        _aside(p, stamp).name for p in (Path(run_dir) / METRICS_FILE, Path(run_dir) / EVAL_FILE) if p.exists()
+    ]
+    partial = [p for _, p in step_dirs(checkpoint_dir) if checkpoint_problem(p, checksums=False) is not None]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    log(
+        f"resume: no complete checkpoint of this run in {checkpoint_dir} (it stopped before its first one "
+        f"completed): restarting from step 0; its {records} earlier step records moved to "
+        + " and ".join(moved)
+        + (f", {len(partial)} incomplete checkpoints removed" if partial else "")
+    )
 
 
-def run_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = print) -> None:
-    """All checks for a keye-train run (rank 0 does them; the caller broadcasts the outcome)."""
+def run_preflight(cfg: Any, *, rank: int, recipe: str = "", log: Callable[[str], None] = print) -> None:
+    """All checks for a keye-train run (rank 0 does them; the caller broadcasts the outcome), then the
+    run's identity recorded in run_dir and checkpoint.dir."""
     if rank != 0:
         return
     stage = stage_summary(cfg.stage)
-    if cfg.stage.init_from:
-        from keye_train.checkpoint.dcp import resolve_checkpoint
-
-        source = Path(cfg.stage.init_from)
-        if not (source / "config.json").is_file():
-            try:
-                source = resolve_checkpoint(source, log=log)
-            except ValueError as err:
-                raise PreflightError(f"stage.init_from={cfg.stage.init_from}: {err}") from None
-            check_init_from(source, stage=stage)
+    with _as_preflight_error():
+        lineage = (
+            check_stage_input(cfg.stage.init_from, stage=stage, log=log) if cfg.stage.init_from else None
+        )
+    identity = RunIdentity.of(cfg, recipe=recipe, init_from=lineage)
     fresh_run = bool(getattr(cfg, "fresh_run", False))
-    check_resume(
+    plan = check_resume(
         run_dir=cfg.run_dir,
         checkpoint_dir=cfg.checkpoint.dir,
         resume=cfg.resume,
         fresh_run=fresh_run,
         stage=stage,
         checkpoints_enabled=cfg.checkpoint.enabled,
+        identity=identity,
     )
     if fresh_run:
         move_aside(cfg.run_dir, cfg.checkpoint.dir, log=log)
@@ -203,15 +207,25 @@ def run_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = print) ->
     check_writable(cfg.run_dir, what="run_dir")
     if cfg.checkpoint.enabled:
         check_writable(cfg.checkpoint.dir, what="checkpoint.dir")
+    if plan.restart:
+        restart_interrupted(cfg.run_dir, cfg.checkpoint.dir, log=log)
+    with _as_preflight_error():
+        settle_identity(
+            identity,
+            run_dir=cfg.run_dir,
+            checkpoint_dir=cfg.checkpoint.dir if cfg.checkpoint.enabled else None,
+            continues=plan.latest is not None or plan.restart,
+            log=log,
+        )
 
 
-def broadcast_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = print) -> None:
+def broadcast_preflight(cfg: Any, *, rank: int, recipe: str = "", log: Callable[[str], None] = print) -> None:
     """run_preflight on rank 0; its PreflightError raised on every rank (none waits for a failed rank 0)."""
     from keye_train.distributed.collectives import broadcast_object_from_rank0
 
     error: str | None = None
     try:
-        run_preflight(cfg, rank=rank, log=log)
+        run_preflight(cfg, rank=rank, recipe=recipe, log=log)
     except PreflightError as err:
         error = str(err)
     error = broadcast_object_from_rank0(error)
@@ -221,8 +235,10 @@ def broadcast_preflight(cfg: Any, *, rank: int, log: Callable[[str], None] = pri
 
 __all__ = [
     "PreflightError",
+    "ResumePlan",
     "broadcast_preflight",
-    "check_init_from",
     "check_resume",
     "check_writable",
+    "move_aside",
+    "restart_interrupted",
 ]
