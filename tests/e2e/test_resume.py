@@ -1,13 +1,20 @@
-"""Resume exactness: SIGTERM + resume reproduces an uninterrupted run, also under another layout."""
+"""Resume exactness: SIGTERM + resume reproduces an uninterrupted run, also under another layout; a run
+killed -9 before, during or after its first checkpoint comes back with the identical command."""
 
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import COMMON, metrics, run_env, train, train_command
+
+from keye_train.checkpoint import kill_points
+from keye_train.checkpoint.dcp import checkpoint_problem
+from keye_train.checkpoint.identity import read_identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 STEPS = 6
@@ -126,25 +133,40 @@ def test_resume_in_the_same_layout_is_bitwise_identical(synthetic, dp2_reference
         assert resumed[step]["mfu"] > 0
 
 
-def test_kill_9_after_a_checkpoint_then_resume_consumes_the_same_samples(synthetic, dp2_reference, tmp_path):
-    """kill -9 of the whole job (no chance to checkpoint); the resume restarts from the last complete
-    checkpoint, redoes the lost steps, and every step consumes the samples of the uninterrupted run."""
-    every_2 = [*DP2, "checkpoint.interval_steps=2"]
+LAUNCHER = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
 
-    run_dir = tmp_path / "killed"
-    command = train_command(nproc=2, overrides=base(synthetic, run_dir, *every_2) + COMMON)
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(), start_new_session=True
-    )
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
-    proc.wait(timeout=60)
-    killed_at = max(metrics(run_dir))
-    assert killed_at < STEPS - 1, "the run finished before the kill: nothing was resumed"
 
-    output = train(nproc=2, overrides=base(synthetic, run_dir, *every_2))
-    assert "resumed at step" in output
+def _launch(command: list[str], *, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """launch/torchrun.sh with this interpreter's keye-train and torchrun; KEYE_KILL_AT kills every rank
+    (each SIGKILLs itself) at a named point of the checkpoint manager (checkpoint/kill_points.py)."""
+    env = run_env() | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if kill_at is not None:
+        env[kill_points.ENV] = kill_at
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_preempted_runs_come_back_with_the_identical_command(synthetic, dp2_reference, tmp_path):
+    """kill -9 before, during and after the first checkpoint, each time followed by the identical command
+    (resume=true as always, no flag): every launch starts, and the finished run equals the uninterrupted
+    one (losses bit for bit, the same samples). Before and during: no complete checkpoint, the run's own
+    metrics move aside and it restarts from step 0; after: it resumes at step 2."""
+    run_dir = tmp_path / "preempted"
+    command = [str(LAUNCHER), "2", *base(synthetic, run_dir, *DP2, "checkpoint.interval_steps=2"), *COMMON]
+    first = run_dir / "checkpoints" / "step-2"
+    run_ids = set()
+    for launch, kill_at in enumerate(["checkpoint.start", "checkpoint.written", "checkpoint.saved"]):
+        result = _launch(command, kill_at=kill_at)
+        assert result.returncode != 0 and f"{kill_points.ENV}={kill_at}: sending SIGKILL" in result.stderr
+        assert ("restarting from step 0" in result.stdout) == (launch > 0), result.stdout[-2000:]
+        killed = metrics(run_dir)  # this launch's own records: it started from step 0
+        assert sorted(killed) == [0, 1], kill_at
+        for step in killed:
+            assert killed[step]["loss"] == dp2_reference[step]["loss"], (kill_at, step)
+        state = (checkpoint_problem(first) or "complete").split(":")[0] if first.exists() else "absent"
+        assert state == ["absent", "partial", "complete"][launch], (kill_at, state)
+        run_ids.add(read_identity(run_dir)["run_id"])
+    result = _launch(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed at step 2" in result.stdout
     _assert_reproduces(metrics(run_dir), dp2_reference, exact=True)
+    assert run_ids == {read_identity(run_dir)["run_id"]}  # one run throughout
