@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -48,9 +49,11 @@ def compose_config(recipe: str, overrides: list[str]) -> tuple[DictConfig, Train
     if recipe not in available_recipes():
         raise ValueError(f"recipe {recipe!r} not found in {recipes_dir()}; available: {available_recipes()}")
     register_schema()
+    raw: dict = {}
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             cfg = compose(config_name=recipe, overrides=overrides)
+        raw = OmegaConf.to_container(cfg, resolve=False)
         OmegaConf.resolve(cfg)
         typed = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -58,6 +61,8 @@ def compose_config(recipe: str, overrides: list[str]) -> tuple[DictConfig, Train
         if message.startswith("Could not override"):
             message += " It is not a key of the schema (keye_train/config/schema.py); check its spelling."
         raise ValueError(f"recipe {recipe!r}: {message}") from None
+    except ValueError as exc:  # a component's own validation ("schedule.total_steps=-5 must be ...")
+        raise ValueError(_as_typed(str(exc), raw)) from None
     return cfg, typed
 
 
@@ -87,11 +92,44 @@ def _bad_value_message(exc: BaseException, overrides: list[str]) -> str | None:
     if cause is None:
         return None
     key = str(cause.full_key)
-    given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+    # The value that failed (a key given twice fails on its bad value, whichever comes first).
+    given = getattr(cause, "value", None)
+    if given is None:
+        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
     reason = str(getattr(cause, "msg", "") or cause).split("\n")[0]
     expected = expected_type(key)
     value = f"={given}" if given is not None else ""
     return f"{key}{value}: " + (f"expected {expected} ({reason})" if expected else reason)
+
+
+_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def _as_typed(message: str, raw: dict) -> str:
+    """A validation message naming `KEY=VALUE` where the recipe sets KEY to `${OTHER}` names OTHER, the key
+    the user typed: `steps=-5 (as schedule.total_steps) must be ...`, not `schedule.total_steps=-5 ...`."""
+    match = re.match(r"^([A-Za-z_][\w.]*)=", message)
+    if match is None:
+        return message
+    key = source = match.group(1)
+    value = _lookup(raw, key)
+    for _ in range(8):  # follow a chain of interpolations to the key that holds the value
+        link = _INTERPOLATION.match(value) if isinstance(value, str) else None
+        if link is None:
+            break
+        source = link.group(1)
+        value = _lookup(raw, source)
+    prefix = f"{key}={value}"
+    if source == key or not message.startswith(prefix):
+        return message
+    return f"{source}={value} (as {key}){message[len(prefix) :]}"
+
+
+def _lookup(raw: dict, dotted: str) -> object:
+    node: object = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def save_resolved(cfg: DictConfig, path: str | Path) -> None:

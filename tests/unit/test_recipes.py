@@ -87,6 +87,22 @@ def test_a_badly_typed_value_names_key_value_and_type(override, key, value, expe
     assert key in message and value in message and expected in message.lower(), message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["steps=6", "steps=abc"], "steps=abc: expected int"),  # given twice: the value that failed
+        (["steps=abc", "steps=6"], "steps=abc: expected int"),
+        (["steps=-5"], "steps=-5 (as schedule.total_steps) must be"),  # interpolated into another key
+        (["steps=6", "steps=-5"], "steps=-5 (as schedule.total_steps) must be"),
+        (["schedule.total_steps=-3"], "schedule.total_steps=-3 must be"),
+    ],
+)
+def test_a_bad_value_is_reported_as_the_user_typed_it(overrides, named):
+    with pytest.raises(ValueError) as info:
+        compose_config("stage2_multitask", OVERRIDES + overrides)
+    assert named in str(info.value)
+
+
 def test_model_overrides_reach_the_model_config():
     _, cfg = compose_config("stage2_multitask", OVERRIDES + ["model.attn_backend=flex"])
     built = cfg.model.build(vocab_size=600, token_ids={})
