@@ -32,7 +32,8 @@ def _label(run_dir: Path, runs: Sequence[Path]) -> str:
 
 
 def draw(runs: Sequence[str | Path], out: str | Path) -> Path:
-    """Renders the report of `runs` to the PNG `out`; ValueError when no run has a step record."""
+    """Renders the report of `runs` to the PNG `out` (`.png` added when it has another suffix or none);
+    returns the file written; ValueError when no run has a step record."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -70,6 +71,8 @@ def draw(runs: Sequence[str | Path], out: str | Path) -> Path:
         ax.axis("off")
     fig.tight_layout()
     out = Path(out)
+    if out.suffix.lower() != ".png":  # savefig would add it itself: the path printed must be the file
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -79,7 +82,11 @@ def draw(runs: Sequence[str | Path], out: str | Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keye-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (each holding metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="PNG to write (default: FIRST_RUN_DIR/report.png)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="PNG to write; .png is added if missing (default: FIRST_RUN_DIR/report.png)",
+    )
     return parser
 
 

@@ -12,7 +12,13 @@ from keye_train.models.keye import build_model
 BACKENDS = [
     "sdpa",
     "flex",
-    pytest.param("flash", marks=pytest.mark.skipif(not flash_available(), reason="needs CUDA + flash-attn")),
+    pytest.param(
+        "flash",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not flash_available(), reason="gpu: needs CUDA + flash-attn"),
+        ],
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """keye-report draws the curves of several runs into one PNG; the run summary sums their records."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -47,6 +48,14 @@ def test_report_renders_a_png_comparing_runs(tmp_path, capsys):
     blue = ((abs(pixels[..., 0] - 31) < 30) & (abs(pixels[..., 1] - 119) < 30) & (pixels[..., 2] > 150)).sum()
     orange = ((pixels[..., 0] > 220) & (abs(pixels[..., 1] - 127) < 30) & (pixels[..., 2] < 60)).sum()
     assert blue > 100 and orange > 100
+
+
+def test_report_prints_the_file_it_wrote(tmp_path, capsys):
+    _run(tmp_path / "run", steps=2, scale=1.0)
+    assert report_main([str(tmp_path / "run"), "--out", str(tmp_path / "curves")]) == 0
+    written = capsys.readouterr().out.split("wrote ")[1].split(" (")[0]
+    assert written == str(tmp_path / "curves.png") and Path(written).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]
 
 
 def test_report_refuses_a_dir_without_metrics(tmp_path, capsys):
