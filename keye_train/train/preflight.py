@@ -121,15 +121,16 @@ def check_resume(
             "to start over (the old metrics and checkpoints are moved aside), or choose another run_dir"
         )
     with _as_preflight_error():
+        if latest is not None:  # first: another stage's checkpoint is named as such
+            check_same_stage(latest, checkpoint_dir=ckpt, stage=stage)
         own = identity is not None and check_own_run(
             run_dir=run_dir,
             checkpoint_dir=ckpt if checkpoints_enabled else None,
             identity=identity,
             records=recorded,
         )
-        if latest is not None:
-            check_same_stage(latest, checkpoint_dir=ckpt, stage=stage)
-            return ResumePlan(latest=latest)
+    if latest is not None:
+        return ResumePlan(latest=latest)
     if own:
         return ResumePlan(restart=True)
     if not checkpoints_enabled:
