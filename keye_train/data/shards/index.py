@@ -292,7 +292,7 @@ def build_index(
                 w.write(json.dumps(entry.to_json()) + "\n")
         os.replace(tmp, out)  # readers see the old index or the complete new one, never a partial file
     except OSError as err:
-        if err.filename is None:  # a failed write() names no file
+        if err.errno and err.filename is None:  # a failed write() names no file
             raise OSError(err.errno, err.strerror, str(out)) from err
         raise
     finally:

@@ -117,7 +117,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file
+        if isinstance(err, OSError) and err.errno and err.filename is None:  # a failed write() names no file
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
