@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
 from keye_train.checkpoint.verify import root_os_error
 
 LOG_DIR = "logs"  # under run_dir: error-rank<N>.log holds the traceback of a failed rank
@@ -97,8 +99,6 @@ def report_failure(exc: BaseException, *, run_dir: str | None, prefix: str = "ke
             time.sleep(FOLLOWER_GRACE_S)
         return 1
     log_path = write_traceback(exc, run_dir=run_dir)
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler  # torch: only here
-
     with contextlib.suppress(OSError):
         get_error_handler().record_exception(exc)  # torchrun's error file, when it set one
     if rank != 0 and run_dir and _lower_rank_failed_alike(exc, run_dir=run_dir, rank=rank):
